@@ -1,0 +1,187 @@
+"""Training and test data for Kvasir-SEG and NCI-ISBI in the paper's prepared layout.
+
+ROOT/images/<id>.{jpg|dcm}, ROOT/masks/<id>.{jpg|png}, ROOT/gaze/<gaze_dir>/<id>.{jpg|png},
+ROOT/<split>.txt. One dataset class serves both: everything dataset-specific lives in `DATA_SPECS`.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from datasets.io import DataError, read_gray, read_ids, read_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_rgb(image: np.ndarray) -> np.ndarray:
+    """Kvasir: per channel (x/255 - mean) / std, ImageNet statistics. (H, W, 3) uint8 -> (3, H, W)."""
+    x = image.astype(np.float32) / 255.0
+    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def normalize_per_image(image: np.ndarray) -> np.ndarray:
+    """Prostate: (x - mean) / std over all pixels (std 0 -> 1). (H, W) -> (1, H, W)."""
+    x = image.astype(np.float32)
+    std = float(x.std())
+    return ((x - x.mean()) / (std if std > 0 else 1.0))[None]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    image_ext: str
+    mask_ext: str
+    gaze_ext: str
+    in_channels: int
+    normalize: Callable[[np.ndarray], np.ndarray]
+    thresholds: dict  # num_levels -> the paper's thresholds
+
+
+DATA_SPECS = {
+    "kvasir": DataSpec(".jpg", ".jpg", ".jpg", 3, normalize_rgb, {
+        1: [0.5], 2: [0.5, 0.3], 3: [0.5, 0.3, 0.4], 4: [0.5, 0.3, 0.367, 0.433],
+        5: [0.5, 0.3, 0.35, 0.4, 0.45]}),
+    "prostate": DataSpec(".dcm", ".png", ".png", 1, normalize_per_image, {2: [0.2, 0.4]}),
+}
+
+
+def data_spec(data: str) -> DataSpec:
+    if data not in DATA_SPECS:
+        raise DataError(f"unknown --data {data!r}; choose one of {sorted(DATA_SPECS)}")
+    return DATA_SPECS[data]
+
+
+def level_thresholds(data: str, num_levels: int, override: Optional[Sequence[float]] = None) -> List[float]:
+    """The paper's hierarchical thresholds for `num_levels` levels, or `override` (--thresholds)."""
+    if override:
+        if len(override) != num_levels:
+            raise DataError(f"--thresholds has {len(override)} values but --num_levels is {num_levels}")
+        return [float(t) for t in override]
+    table = data_spec(data).thresholds
+    if num_levels not in table:
+        raise DataError(f"no paper thresholds for --data {data} with {num_levels} levels "
+                        f"(known: {sorted(table)}); pass --thresholds")
+    return table[num_levels]
+
+
+def image_size(path: Path) -> tuple:
+    """(H, W) from the file header, without decoding pixels."""
+    try:
+        if path.suffix.lower() == ".dcm":
+            import pydicom
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size); bilinear with align_corners=False, or nearest."""
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x[None], size=(size, size), mode=mode, **kw)[0]
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """One split of a prepared dataset.
+
+    Train mode yields {"image": (C, S, S), "target": (K, S, S), "id"} *before* the random flips
+    (those are applied per batch by `random_flip`, so a preloaded and a per-sample pipeline share them).
+    K = number of levels (gaze_sup: gaze map resized bilinear, then >= threshold_i) or 1 (full_sup:
+    the mask resized nearest). Test mode yields the resized image and the mask at its original size.
+
+    Args:
+        root: prepared dataset folder.
+        data: "kvasir" or "prostate".
+        split: split file name without .txt, or an explicit list of ids.
+        train: train or test mode.
+        method: "gaze_sup" (targets from gaze maps) or "full_sup" (targets from masks).
+        spatial_size: side of the square network input.
+        thresholds: one per level (gaze_sup).
+        gaze_dir: folder under ROOT/gaze holding the gaze maps.
+        data_size_rate: keep the first int(n * rate) ids of the split.
+    """
+
+    def __init__(self, root, data: str, split, train: bool, method: str = "gaze_sup", spatial_size: int = 384,
+                 thresholds: Sequence[float] = (0.5,), gaze_dir: str = "crf_compat1", data_size_rate: float = 1.0):
+        self.root, self.spec = Path(root), data_spec(data)
+        if not self.root.is_dir():
+            raise DataError(f"dataset root not found: {self.root}")
+        ids = read_ids(self.root / f"{split}.txt") if isinstance(split, str) else list(split)
+        self.ids = ids[:int(len(ids) * data_size_rate)] if train else ids
+        if not self.ids:
+            raise DataError(f"no ids left in split {split!r} of {self.root} (data_size_rate={data_size_rate})")
+        self.train, self.method, self.size = train, method, spatial_size
+        self.thresholds = list(thresholds)
+        self.gaze_dir = self.root / "gaze" / gaze_dir
+        self.check_files()
+
+    def image_path(self, i: int) -> Path:
+        return self.root / "images" / (self.ids[i] + self.spec.image_ext)
+
+    def mask_path(self, i: int) -> Path:
+        return self.root / "masks" / (self.ids[i] + self.spec.mask_ext)
+
+    def gaze_path(self, i: int) -> Path:
+        return self.gaze_dir / (self.ids[i] + self.spec.gaze_ext)
+
+    def uses_gaze(self) -> bool:
+        return self.train and self.method == "gaze_sup"
+
+    def check_files(self) -> None:
+        """Fail before training: every file exists, is readable, and the image and its mask/gaze map agree in size."""
+        for i in range(len(self.ids)):
+            image = self.image_path(i)
+            if not image.is_file():
+                raise DataError(f"image not found: {image}")
+            other = self.gaze_path(i) if self.uses_gaze() else self.mask_path(i)
+            if not other.is_file():
+                kind = "gaze map" if self.uses_gaze() else "mask"
+                raise DataError(f"{kind} not found: {other}" + (
+                    " (make gaze maps with: python -m gaze --csv FIXATIONS.csv --root ROOT --data DATA)"
+                    if self.uses_gaze() else ""))
+            if image_size(image) != image_size(other):
+                raise DataError(f"size mismatch: {image} is {image_size(image)} but {other} is {image_size(other)}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        """Normalised image at its original size, (C, H, W) float32."""
+        image = read_image(self.image_path(i))
+        if image.ndim == 3 and self.spec.in_channels == 1:
+            raise DataError(f"{self.image_path(i)} has colour channels but --data expects 1 channel")
+        return torch.from_numpy(np.ascontiguousarray(self.spec.normalize(image)))
+
+    def load_mask(self, i: int) -> torch.Tensor:
+        """Binary mask at its original size, (1, H, W) float32 (gray / 255 > 0.5)."""
+        return torch.from_numpy((read_gray(self.mask_path(i)) > 0.5).astype(np.float32))[None]
+
+    def load_target(self, i: int) -> torch.Tensor:
+        """Training targets at the network size, (K, S, S) float32 in {0, 1}."""
+        if self.uses_gaze():
+            gaze = resize(torch.from_numpy(read_gray(self.gaze_path(i)))[None], self.size, "bilinear")
+            return torch.cat([(gaze >= t).float() for t in self.thresholds])
+        return resize(self.load_mask(i), self.size, "nearest")
+
+    def __getitem__(self, i: int) -> dict:
+        image = resize(self.load_image(i), self.size, "bilinear")
+        if self.train:
+            return {"image": image, "target": self.load_target(i), "id": self.ids[i]}
+        return {"image": image, "mask": self.load_mask(i), "id": self.ids[i]}
+
+
+def random_flip(images: torch.Tensor, targets: torch.Tensor, flips: torch.Tensor):
+    """Flip each sample of a batch: flips (B, 2) bool, column 0 = vertical (H axis), column 1 = horizontal (W axis)."""
+    flips = flips.to(images.device)
+    for axis, col in ((-2, 0), (-1, 1)):
+        sel = flips[:, col].view(-1, 1, 1, 1)
+        images = torch.where(sel, images.flip(axis), images)
+        targets = torch.where(sel, targets.flip(axis), targets)
+    return images, targets

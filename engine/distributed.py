@@ -1,0 +1,49 @@
+"""Data parallelism with torchrun: every process trains on its slice of the global batch."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather_rows(self, rows: list) -> list:
+        """All ranks' per-image rows, in rank order."""
+        if not self.enabled:
+            return rows
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, rows)
+        return [r for part in parts for r in part]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group that torchrun describes in the environment (nothing to do for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ctx
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

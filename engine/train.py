@@ -1,0 +1,336 @@
+"""The paper's training schedule: iterations grouped into epochs, the learning rate set at the start of
+each epoch, evaluation every val_step, checkpoints every save_step."""
+import csv
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from datasets.batches import TrainBatches
+from datasets.segmentation import SegmentationDataset, level_thresholds
+from engine.distributed import DistContext
+from engine.evaluate import TestData, autocast, evaluate
+from engine.run_folder import RunError, metrics_table, write_json, write_rows_csv
+from losses import full_sup_loss, gaze_sup_loss
+from models.checkpoint import checkpoint_state_dict, load_checkpoint, load_model_state, save_checkpoint
+from models.segmentation_net import build_model
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def make_model(args) -> torch.nn.Module:
+    return build_model(args.method, num_levels=args.num_levels, in_channels=args.in_channels,
+                       features=tuple(args.features), feat_dim=args.feat_dim)
+
+
+def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum 0.99, Nesterov) or Adam, weight decay on every parameter, as the paper."""
+    params = model.parameters()
+    if args.opt == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.99, nesterov=True, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def lr_at_epoch(args, epoch: int, total_epoch: int) -> float:
+    """The paper's per-epoch schedule (epochs count from 1; warm-up compares the epoch with --warmup_ite)."""
+    if args.lr_scheduler != "cos":
+        return args.lr
+    warmup = args.warmup_ite
+    if epoch < warmup:
+        return args.lr * epoch / warmup
+    progress = (epoch - warmup) / max(total_epoch - warmup, 1)
+    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def split_ids(args):
+    """Training ids and, with --val_fraction, a seeded held-out validation subset (used to select model_best)."""
+    from datasets.io import read_ids
+    ids = read_ids(Path(args.root) / f"{args.train_split}.txt")
+    ids = ids[:int(len(ids) * args.data_size_rate)]
+    if args.val_fraction <= 0:
+        return ids, None
+    order = np.random.RandomState(args.seed).permutation(len(ids))
+    n_val = max(1, int(round(len(ids) * args.val_fraction)))
+    val = set(order[:n_val].tolist())
+    return [i for k, i in enumerate(ids) if k not in val], [i for k, i in enumerate(ids) if k in val]
+
+
+def test_dataset(args, split=None) -> SegmentationDataset:
+    return SegmentationDataset(args.root, args.data, split or args.test_split, train=False, method=args.method,
+                               spatial_size=args.spatial_size)
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop after the current iteration."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Trains one run. All files are written by rank 0 only.
+
+    Args:
+        args: the resolved flags.
+        run_dir: the run folder (the same path on every rank).
+        device: torch device.
+        dist_ctx: data-parallel context.
+        log: logger.
+        writer: optional TensorBoard SummaryWriter.
+    """
+
+    def __init__(self, args, run_dir: Optional[Path], device: torch.device, dist_ctx: DistContext, log,
+                 writer=None):
+        self.args, self.run_dir, self.device, self.dist, self.log, self.writer = args, run_dir, device, dist_ctx, log, writer
+        seed_everything(args.seed, args.deterministic)
+        self.main_metric = "mdice" if args.method == "gaze_sup" else "miou"
+        train_ids, val_ids = split_ids(args)
+        thresholds = level_thresholds(args.data, args.num_levels, args.thresholds) if args.method == "gaze_sup" else []
+        self.thresholds = thresholds
+        train_set = SegmentationDataset(args.root, args.data, train_ids, train=True, method=args.method,
+                                        spatial_size=args.spatial_size, thresholds=thresholds, gaze_dir=args.gaze_dir)
+        self.check_channels(train_set)
+        workers = args.num_worker
+        preload = args.preload != "no"
+        self.batches = TrainBatches(train_set, args.batch_size, args.seed, device, preload=preload,
+                                    num_workers=workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+        self.test_data = TestData(test_dataset(args), device, workers, dist_ctx.rank, dist_ctx.world_size)
+        self.val_data = (TestData(test_dataset(args, val_ids), device, workers, dist_ctx.rank, dist_ctx.world_size)
+                         if val_ids else None)
+        self.model = make_model(args).to(device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(args, self.model)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self.net = self.model
+        if dist_ctx.enabled:  # `head` is in the state dict but unused in forward
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        if args.compile:
+            self.net = torch.compile(self.net)
+        self.iteration, self.best, self.best_iteration = 0, -math.inf, 0
+        self.history = []
+        self.steps_per_epoch = len(self.batches)
+        self.total_epoch = args.max_ite // self.steps_per_epoch + 1
+        if args.resume:
+            self.resume(args.ckpt_path)
+
+    def check_channels(self, dataset: SegmentationDataset) -> None:
+        channels = dataset.load_image(0).shape[0]
+        if channels != self.args.in_channels:
+            raise RunError(f"--in_channels is {self.args.in_channels} but {dataset.image_path(0)} has {channels} "
+                           f"channel(s) after loading (--data {self.args.data})")
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        """The paper's checkpoint keys plus what an exact resume needs."""
+        return {"state_dict": self.model.state_dict(), "opt": self.optimizer.state_dict(),
+                "epoch": self.iteration // self.steps_per_epoch + 1, "iteration": self.iteration,
+                "best_performance": self.best, "best_iteration": self.best_iteration,
+                "scaler": self.scaler.state_dict(), "history": self.history,
+                "args": {k: v for k, v in vars(self.args).items()}}
+
+    def save(self, name: str) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / name, self.state())
+
+    def resume(self, path) -> None:
+        if not path:
+            raise RunError("--resume needs --ckpt_path (a model_latest.pth or a run folder)")
+        path = Path(path)
+        path = path / "model_latest.pth" if path.is_dir() else path
+        ckpt = load_checkpoint(path)
+        load_model_state(self.model, checkpoint_state_dict(ckpt), path)
+        if "opt" in ckpt:
+            self.optimizer.load_state_dict(ckpt["opt"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt.get("iteration", 0))
+        self.best = float(ckpt.get("best_performance", -math.inf))
+        self.best_iteration = int(ckpt.get("best_iteration", 0))
+        self.history = list(ckpt.get("history", []))
+        self.log.info(f"resumed from {path} at iteration {self.iteration}")
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
+        args = self.args
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, args.amp):
+            if args.method == "gaze_sup":
+                propagate = args.cons_mode == "prop" and args.cons_weight > 0 and args.num_levels > 1
+                outputs = self.net(images, propagate=propagate)
+                masks = [targets[:, i:i + 1] for i in range(args.num_levels)]
+                loss, logs = gaze_sup_loss(outputs, masks, args.cons_weight, args.cons_mode)
+            else:
+                loss, logs = full_sup_loss(self.net(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return logs
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, data: TestData, save_pred: Optional[Path] = None) -> tuple:
+        return evaluate(self.model, data, self.args.amp, save_pred, gather=self.dist.gather_rows)
+
+    def after_evaluation(self) -> dict:
+        metrics, rows = self.evaluate(self.test_data)
+        entry = {"iteration": self.iteration, "test": metrics}
+        select = metrics
+        if self.val_data is not None:
+            select, _ = self.evaluate(self.val_data)
+            entry["val"] = select
+        self.history.append(entry)
+        improved = select[self.main_metric] > self.best
+        if improved:
+            self.best, self.best_iteration = select[self.main_metric], self.iteration
+        self.log.info(f"ite {self.iteration} | test " + " ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k != "num_images")
+            + (f" | val {self.main_metric} {select[self.main_metric]:.4f}" if self.val_data else "")
+            + f" | best {self.main_metric} {self.best:.4f} @ {self.best_iteration}")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"test/{k}", v, self.iteration)
+            if self.val_data is not None:
+                for k, v in select.items():
+                    self.writer.add_scalar(f"val/{k}", v, self.iteration)
+        self.save("model_latest.pth")
+        if improved:
+            self.save("model_best.pth")
+        return metrics, rows
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        args, log = self.args, self.log
+        spe = self.steps_per_epoch
+        log.info(f"{len(self.batches.dataset)} training images, {len(self.test_data) * self.dist.world_size} test "
+                 f"images (approx.), {spe} steps per epoch, {self.total_epoch} epochs, device {self.device}")
+        start_epoch, start_step = self.iteration // spe + 1, self.iteration % spe
+        window, final = [], None
+        loss_file = self.run_dir / "losses.csv" if self.dist.is_main else None
+        t0 = time.time()
+        bar = None
+        if self.dist.is_main and not args.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=args.max_ite, initial=self.iteration, dynamic_ncols=True, desc="train")
+        with StopFlag() as stop:
+            for epoch in range(start_epoch, self.total_epoch + 1):
+                lr = lr_at_epoch(args, epoch, self.total_epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                first = (epoch - 1) * spe + 1
+                for it, images, targets in self.batches.epoch(epoch, first, start_step if epoch == start_epoch else 0):
+                    if it > args.max_ite:
+                        break
+                    logs = self.train_step(images, targets)
+                    self.iteration = it
+                    window.append(logs)
+                    if bar is not None:
+                        bar.update(1)
+                    must_check = (it % args.val_step == 0 or it % args.save_step == 0 or stop.signal
+                                  or it == args.max_ite)
+                    if it % args.log_step == 0 or must_check:
+                        self.check_finite(window)
+                    if it % args.log_step == 0 or it == args.max_ite:
+                        self.log_window(window, lr, loss_file)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", lr=f"{lr:.2e}")
+                        window = []
+                    if it % args.val_step == 0 or it == args.max_ite:
+                        final = self.after_evaluation()
+                    if it % args.save_step == 0:
+                        self.save(f"model_ite{it}.pth")
+                    if stop.signal:
+                        self.save("model_latest.pth")
+                        log.info(f"{stop.signal} received: saved a resumable checkpoint at iteration {it} to "
+                                 f"{self.run_dir}/model_latest.pth; resume with --resume --ckpt_path {self.run_dir}")
+                        if bar is not None:
+                            bar.close()
+                        return {"interrupted": True, "iteration": it}
+                if self.iteration >= args.max_ite:
+                    break
+        if bar is not None:
+            bar.close()
+        if final is None:  # resumed at max_ite: evaluate once more
+            final = self.after_evaluation()
+        return self.finish(final, time.time() - t0)
+
+    def check_finite(self, window: list) -> None:
+        """Stop on a NaN/inf loss before anything is saved, so the last good checkpoint stays the latest.
+        Checked on the logging window (one GPU sync per check, not per step) and before every save."""
+        if not window:
+            return
+        losses = torch.stack([w["loss"] for w in window]).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = self.iteration - len(window) + 1 + int(bad[0])
+            raise RunError(f"the loss is {losses[int(bad[0])].item()} at iteration {first}; stopping. The last good "
+                           f"checkpoint is kept in {self.run_dir} (model_latest.pth, if one was saved). "
+                           f"Try a lower --lr or --amp none.")
+
+    def log_window(self, window: list, lr: float, loss_file: Optional[Path]) -> None:
+        means = {k: float(torch.stack([w[k] for w in window]).float().mean()) for k in window[-1]}
+        self.log.info(f"ite {self.iteration}/{self.args.max_ite} | lr {lr:.3e} | "
+                      + " | ".join(f"{k} {v:.6f}" for k, v in means.items()))
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"train/{k}", v, self.iteration)
+            self.writer.add_scalar("train/lr", lr, self.iteration)
+        if loss_file is not None:
+            new = not loss_file.exists()
+            with open(loss_file, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["iteration", "lr"] + list(means))
+                w.writerow([self.iteration, f"{lr:.8e}"] + [f"{v:.8e}" for v in means.values()])
+
+    def finish(self, final: tuple, seconds: float) -> dict:
+        metrics, rows = final
+        summary = {"final_iteration": self.iteration, "final": metrics,
+                   "best": {"iteration": self.best_iteration, "selected_on": "val" if self.val_data else "test",
+                            self.main_metric: self.best,
+                            "test": next((h["test"] for h in self.history if h["iteration"] == self.best_iteration), None)},
+                   "history": self.history, "train_seconds": seconds, "device": device_name(self.device)}
+        if self.args.save_pred:  # every rank writes its shard's images
+            self.evaluate(self.test_data, self.run_dir / "predictions")
+        if self.dist.is_main:
+            write_json(self.run_dir / "metrics.json", summary)
+            write_rows_csv(self.run_dir / "per_image_metrics.csv", rows)
+        self.log.info("final-iteration test metrics:\n" + metrics_table(metrics, self.args.num_levels
+                                                                          if self.args.method == "gaze_sup" else 0))
+        return summary
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -1,0 +1,36 @@
+"""Shared test fixtures. Real data lives in ../shared/data (or $GAZESUP_DATA); tests that need it skip
+with a stated reason when it is absent."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_DATA = Path(os.environ.get("GAZESUP_DATA", REPO.parent / "shared" / "data"))
+
+
+def _need(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set GAZESUP_DATA to the shared/data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kvasir_dir() -> Path:
+    """../shared/data/kvasir-seg: images/, masks/, splits/."""
+    return _need("kvasir-seg")
+
+
+@pytest.fixture(scope="session")
+def gazemedseg_dir() -> Path:
+    """../shared/data/gazemedseg: the paper's fixation CSVs."""
+    return _need("gazemedseg")
+
+
+@pytest.fixture(scope="session")
+def nci_isbi_dir() -> Path:
+    """../shared/data/nci-isbi: NRRD label volumes and two DICOM slices."""
+    return _need("nci-isbi")
