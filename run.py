@@ -12,6 +12,7 @@ import torch
 
 from datasets.io import DataError
 from engine.run_folder import RunError
+from models.checkpoint import CheckpointError
 
 
 def pick_device(args, local_rank: int = 0) -> torch.device:
@@ -44,7 +45,7 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def run_test(args, device, log, run_dir) -> dict:
+def run_test(args, device, log, run_dir, is_main: bool = True) -> dict:
     from engine.evaluate import TestData, evaluate
     from engine.run_folder import metrics_table, write_json, write_rows_csv
     from engine.train import make_model, test_dataset
@@ -56,7 +57,9 @@ def run_test(args, device, log, run_dir) -> dict:
     model = make_model(args).to(device)
     load_model_state(model, checkpoint_state_dict(ckpt), path)
     data = TestData(test_dataset(args), device, args.num_worker)
-    metrics, rows = evaluate(model, data, args.amp, run_dir / "predictions" if args.save_pred else None)
+    metrics, rows = evaluate(model, data, args.amp, run_dir / "predictions" if args.save_pred and is_main else None)
+    if not is_main:  # under torchrun every rank evaluates the whole split; rank 0 alone writes
+        return metrics
     write_json(run_dir / "metrics.json", {"checkpoint": str(path), "test": metrics,
                                           "checkpoint_iteration": ckpt.get("iteration")})
     write_rows_csv(run_dir / "per_image_metrics.csv", rows)
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
         if dist_ctx.is_main:
             save_config(args, run_dir)
         if args.test:
-            run_test(args, device, log, run_dir)
+            run_test(args, device, log, run_dir, dist_ctx.is_main)
             return 0
         from engine.train import Trainer
         writer = None
@@ -113,6 +116,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (DataError, RunError, ValueError, FileNotFoundError) as e:
+    except (DataError, RunError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -45,7 +45,7 @@ def prediction_keys(outputs: dict) -> List[str]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pred: Optional[Path] = None,
-             gather=None) -> tuple:
+             gather=None, with_hd95: bool = True) -> tuple:
     """Evaluate `model` on `data`, batch size 1, as the paper: logits upsampled bilinear to the mask size,
     prediction = sigmoid > 0.5.
 
@@ -56,6 +56,7 @@ def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pre
         amp: "none", "fp16" or "bf16" autocast.
         save_pred: folder for prediction PNGs (pred/<id>.png for the evaluated prediction, pred_<i>/ per level).
         gather: for data parallel runs, a function list -> list that collects every rank's rows.
+        with_hd95: also compute HD95 (CPU; the slow part of an evaluation).
     Returns:
         (metrics dict: mdice, mdice_std, miou, miou_std, mhd95 and mdice_i, miou_i per level; per-image rows).
     """
@@ -71,7 +72,7 @@ def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pre
             pred = (torch.sigmoid(logits) > 0.5)[0, 0].cpu()
             suffix = key[6:]  # "" or "_i"
             row["dice" + suffix], row["iou" + suffix] = dice_iou(pred, mask)
-            if not suffix:
+            if not suffix and with_hd95:
                 row["hd95"] = hd95(pred.numpy(), mask.numpy())
             if save_pred is not None:
                 folder = Path(save_pred) / ("pred" + suffix)

@@ -1,6 +1,7 @@
 """The paper's training schedule: iterations grouped into epochs, the learning rate set at the start of
 each epoch, evaluation every val_step, checkpoints every save_step."""
 import csv
+import hashlib
 import math
 import random
 import signal
@@ -14,8 +15,9 @@ import torch
 from datasets.batches import TrainBatches
 from datasets.segmentation import SegmentationDataset, level_thresholds
 from engine.distributed import DistContext
-from engine.evaluate import TestData, autocast, evaluate
+from engine.evaluate import TestData, _forward, autocast, evaluate
 from engine.run_folder import RunError, metrics_table, write_json, write_rows_csv
+from engine.visualize import denormalize, overlay
 from losses import full_sup_loss, gaze_sup_loss
 from models.checkpoint import checkpoint_state_dict, load_checkpoint, load_model_state, save_checkpoint
 from models.segmentation_net import build_model
@@ -75,7 +77,8 @@ def test_dataset(args, split=None) -> SegmentationDataset:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a request to checkpoint and stop after the current iteration."""
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop after the current iteration;
+    a second signal stops at once (KeyboardInterrupt), for a run stuck in a long evaluation."""
 
     def __init__(self):
         self.signal = None
@@ -90,6 +93,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -138,8 +143,14 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         if args.compile:
             self.net = torch.compile(self.net)
+        # small CPU collectives (stop requests, loss checks, logged means) go through gloo: no GPU sync
+        self.cpu_group = None
+        if dist_ctx.enabled:
+            import torch.distributed as dist
+            self.cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.iteration, self.best, self.best_iteration = 0, -math.inf, 0
         self.history = []
+        self._preview = None  # training images shown in TensorBoard
         self.steps_per_epoch = len(self.batches)
         self.total_epoch = args.max_ite // self.steps_per_epoch + 1
         if args.resume:
@@ -161,8 +172,29 @@ class Trainer:
                 "args": {k: v for k, v in vars(self.args).items()}}
 
     def save(self, name: str) -> None:
-        if self.dist.is_main:
+        """Rank 0 writes `name` atomically; refuses non-finite weights so a diverged run never replaces
+        the last good checkpoint."""
+        if not self.dist.is_main:
+            return
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RunError(f"the weights are not finite at iteration {self.iteration} ({len(bad)} tensors, e.g. "
+                           f"{bad[0]}); {name} not written, the last good checkpoint is kept in {self.run_dir}. "
+                           f"Try a lower --lr or --amp none.")
+        try:
             save_checkpoint(self.run_dir / name, self.state())
+        except OSError as e:
+            raise RunError(f"cannot write checkpoint {self.run_dir / name} at iteration {self.iteration}: {e}; "
+                           f"the previous {name} (if any) is intact") from e
+
+    def all_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of a small CPU tensor over ranks (identity for one process)."""
+        if self.cpu_group is None:
+            return values
+        import torch.distributed as dist
+        values = values.clone()
+        dist.all_reduce(values, group=self.cpu_group)
+        return values
 
     def resume(self, path) -> None:
         if not path:
@@ -202,7 +234,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, data: TestData, save_pred: Optional[Path] = None) -> tuple:
-        return evaluate(self.model, data, self.args.amp, save_pred, gather=self.dist.gather_rows)
+        # HD95 (a CPU distance transform per image) only at the last iteration: it is reported, not selected on
+        final = self.iteration >= self.args.max_ite
+        return evaluate(self.model, data, self.args.amp, save_pred, gather=self.dist.gather_rows, with_hd95=final)
 
     def after_evaluation(self) -> dict:
         metrics, rows = self.evaluate(self.test_data)
@@ -228,7 +262,48 @@ class Trainer:
         self.save("model_latest.pth")
         if improved:
             self.save("model_best.pth")
+        if self.writer is not None:
+            self.log_images()
         return metrics, rows
+
+    @torch.no_grad()
+    def log_images(self, count: int = 4) -> None:
+        """TensorBoard images at the network input size: `images/test` (prediction green, ground truth red)
+        for the first test images of this rank, and the first preloaded training images with each level's
+        pseudo-mask (red) and that level's prediction (green), `images/train_level_<i>` (full_sup:
+        `images/train`, ground truth red)."""
+        was_training = self.model.training
+        self.model.eval()
+        n = min(count, len(self.test_data))
+        if n:
+            images = torch.cat(self.test_data.images[:n])
+            preds = torch.sigmoid(_forward(self.model, images)["logits"].float()) > 0.5
+            panels = []
+            for image, pred, mask in zip(images, preds, self.test_data.masks[:n]):
+                gt = torch.nn.functional.interpolate(mask[None, None].float(), size=image.shape[-2:], mode="nearest")
+                panels.append(overlay(denormalize(image), pred[0].cpu().numpy(), gt[0, 0].numpy()))
+            self.writer.add_images("images/test", np.stack(panels), self.iteration, dataformats="NHWC")
+        images, targets = self.train_preview(count)
+        outputs = _forward(self.model, images)
+        levels = range(1, targets.shape[1] + 1) if self.args.method == "gaze_sup" else [0]
+        for i in levels:
+            key, tag = (f"logits_{i}", f"images/train_level_{i}") if i else ("logits", "images/train")
+            preds = (torch.sigmoid(outputs[key].float()) > 0.5)[:, 0].cpu().numpy()
+            refs = targets[:, max(i - 1, 0)].cpu().numpy()
+            panels = [overlay(denormalize(x), p, r) for x, p, r in zip(images, preds, refs)]
+            self.writer.add_images(tag, np.stack(panels), self.iteration, dataformats="NHWC")
+        self.model.train(was_training)
+
+    def train_preview(self, count: int) -> tuple:
+        """The first `count` training images and targets (unflipped): a slice of the preloaded tensors,
+        else decoded once and kept."""
+        if self._preview is None:
+            if self.batches.tensors is not None:
+                self._preview = tuple(t[:count] for t in self.batches.tensors)
+            else:
+                samples = [self.batches.dataset[i] for i in range(min(count, len(self.batches.dataset)))]
+                self._preview = tuple(torch.stack([s[k] for s in samples]).to(self.device) for k in ("image", "target"))
+        return self._preview
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
@@ -258,7 +333,8 @@ class Trainer:
                     window.append(logs)
                     if bar is not None:
                         bar.update(1)
-                    must_check = (it % args.val_step == 0 or it % args.save_step == 0 or stop.signal
+                    stop_now = self.stop_requested(stop.signal)
+                    must_check = (it % args.val_step == 0 or it % args.save_step == 0 or stop_now
                                   or it == args.max_ite)
                     if it % args.log_step == 0 or must_check:
                         self.check_finite(window)
@@ -271,10 +347,11 @@ class Trainer:
                         final = self.after_evaluation()
                     if it % args.save_step == 0:
                         self.save(f"model_ite{it}.pth")
-                    if stop.signal:
+                    if stop_now:
                         self.save("model_latest.pth")
-                        log.info(f"{stop.signal} received: saved a resumable checkpoint at iteration {it} to "
-                                 f"{self.run_dir}/model_latest.pth; resume with --resume --ckpt_path {self.run_dir}")
+                        log.info(f"{stop.signal or 'stop request on another rank'}: saved a resumable checkpoint "
+                                 f"at iteration {it} to {self.run_dir}/model_latest.pth; resume with: python run.py "
+                                 f"--config {self.run_dir}/config.yaml --resume --ckpt_path {self.run_dir}")
                         if bar is not None:
                             bar.close()
                         return {"interrupted": True, "iteration": it}
@@ -286,12 +363,18 @@ class Trainer:
             final = self.after_evaluation()
         return self.finish(final, time.time() - t0)
 
+    def stop_requested(self, signal_name: Optional[str]) -> bool:
+        """Whether any rank got SIGINT/SIGTERM: ranks decide together, or one would wait forever for the others."""
+        if self.cpu_group is None:
+            return signal_name is not None
+        return bool(self.all_ranks(torch.tensor([int(signal_name is not None)])).item())
+
     def check_finite(self, window: list) -> None:
         """Stop on a NaN/inf loss before anything is saved, so the last good checkpoint stays the latest.
         Checked on the logging window (one GPU sync per check, not per step) and before every save."""
         if not window:
             return
-        losses = torch.stack([w["loss"] for w in window]).float().cpu()
+        losses = self.all_ranks(torch.stack([w["loss"] for w in window]).float().cpu()) / self.dist.world_size
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             first = self.iteration - len(window) + 1 + int(bad[0])
@@ -300,8 +383,13 @@ class Trainer:
                            f"Try a lower --lr or --amp none.")
 
     def log_window(self, window: list, lr: float, loss_file: Optional[Path]) -> None:
-        means = {k: float(torch.stack([w[k] for w in window]).float().mean()) for k in window[-1]}
-        self.log.info(f"ite {self.iteration}/{self.args.max_ite} | lr {lr:.3e} | "
+        keys = list(window[-1])  # means over the window and over ranks (the global batch)
+        means = torch.stack([torch.stack([w[k] for w in window]).float().mean() for k in keys]).cpu()
+        means = dict(zip(keys, (self.all_ranks(means) / self.dist.world_size).tolist()))
+        now = time.perf_counter()
+        last, self._log_clock = getattr(self, "_log_clock", None), (now, self.iteration)
+        speed = f"{1000 * (now - last[0]) / (self.iteration - last[1]):.1f} ms/it | " if last else ""
+        self.log.info(f"ite {self.iteration}/{self.args.max_ite} | {speed}lr {lr:.3e} | "
                       + " | ".join(f"{k} {v:.6f}" for k, v in means.items()))
         if self.writer is not None:
             for k, v in means.items():
@@ -322,14 +410,29 @@ class Trainer:
                             self.main_metric: self.best,
                             "test": next((h["test"] for h in self.history if h["iteration"] == self.best_iteration), None)},
                    "history": self.history, "train_seconds": seconds, "device": device_name(self.device)}
-        if self.args.save_pred:  # every rank writes its shard's images
-            self.evaluate(self.test_data, self.run_dir / "predictions")
+        if self.dist.enabled:  # DDP keeps ranks in sync; record the proof (and warn if it ever fails)
+            summary["weights_sha256_per_rank"] = self.dist.gather_rows([weights_digest(self.model)])
+            if len(set(summary["weights_sha256_per_rank"])) > 1:
+                self.log.warning("the ranks' weights differ at the end of training (see metrics.json)")
+        if self.args.save_pred and self.dist.is_main:  # only rank 0 writes: it predicts the whole split
+            data = self.test_data if not self.dist.enabled else TestData(test_dataset(self.args), self.device,
+                                                                         self.args.num_worker)
+            evaluate(self.model, data, self.args.amp, self.run_dir / "predictions")
         if self.dist.is_main:
             write_json(self.run_dir / "metrics.json", summary)
             write_rows_csv(self.run_dir / "per_image_metrics.csv", rows)
         self.log.info("final-iteration test metrics:\n" + metrics_table(metrics, self.args.num_levels
                                                                           if self.args.method == "gaze_sup" else 0))
         return summary
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the state dict (names and raw tensor bytes, in order): equal digests = bit-identical weights."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def device_name(device: torch.device) -> str:

@@ -5,14 +5,15 @@ Paper recipe (GazeMedSeg notebooks), for one image with fixations (x_k, y_k, d_k
   2. scipy.ndimage.gaussian_filter(canvas, sigma)   (truncate 4, mode "reflect")
   3. min-max to [0, 1]
   4. cv2.resize to (W, H), INTER_CUBIC
-  5. float16; saved as uint8(h * 255) (truncation)
+  5. float16; saved as uint8(h * 255), the product in float16, truncated
 
 Step 2 is the slow part when done directly (two 1-D passes over 768 x 768 with 561-tap kernels for
 sigma 70). The canvas has at most ~100 non-zeros, and scipy's filter is linear and separable, so
     blur(canvas) = R0 @ canvas @ R1^T,
 where column p of R (size x size) is scipy's 1-D response to a unit impulse at p, reflect boundary
 included. We build R exactly (same kernel, same boundary rule) and keep scipy's float32 rounding
-between the two passes, which makes the result equal to the direct filter to ~1e-7.
+between the two passes: the result equals the direct filter up to float64 summation order (bit-identical
+on the tests' and the real data's fixations; tested to 1e-6), about 20x faster.
 
 Index rule: round half to even (np.round, like Python's round); an index of -1 (coordinate < 0.5/768)
 wraps to the last row/column, as NumPy indexing did in the paper's code. The real data never hits it.

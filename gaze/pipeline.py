@@ -4,6 +4,8 @@ Layout (as the paper's notebooks):
     kvasir    ROOT/images/<id>.jpg, ROOT/masks/<id>.jpg; maps saved as .jpg (Pillow default quality); sigma 70
     prostate  ROOT/images/<id>.dcm, ROOT/masks/<id>.png; maps saved as .png; sigma 50
     OUT (default ROOT/gaze)/heatmap/<id>.<ext>, OUT/crf_compat1/<id>.<ext>, OUT/report.json, OUT/report.png
+The CRF reads the heatmap back from its file (/255) and its output is stored like the heatmap
+(float16 * 255, truncated).
 
 Work runs in phases (heatmap, crf, report), each parallel over images in a spawn process pool whose
 workers use one thread each. The torch CRF backend instead runs in this process, batching images
@@ -91,7 +93,8 @@ def _check_shape(path: Path, shape: tuple, job: Job, what: str) -> None:
 def heatmap_task(job: Job) -> float:
     """Compute and save one heatmap; returns seconds spent."""
     t = time.perf_counter()
-    save_map(job.heatmap, heatmap_f32(job.fixations, job.height, job.width, job.sigma))  # to_uint8 does the float16 step
+    # save_map's to_uint8 does the float16 step (faster than casting here)
+    save_map(job.heatmap, heatmap_f32(job.fixations, job.height, job.width, job.sigma))
     return time.perf_counter() - t
 
 
@@ -166,7 +169,8 @@ def _crf_torch(jobs: list, device: str, threads: int, batch: int, quiet: bool) -
             inputs = list(nxt)
             if k + 1 < len(chunks):
                 nxt = io.map(crf_inputs, chunks[k + 1])
-            maps = crf_mod.refine_batch([a for a, _ in inputs], [b for _, b in inputs], "torch", device, **crf_mod.PAPER)
+            images, probs = [a for a, _ in inputs], [b for _, b in inputs]
+            maps = crf_mod.refine_batch(images, probs, "torch", device, **crf_mod.PAPER)
             saves += [io.submit(save_map, j.crf, m) for j, m in zip(chunk, maps)]
             bar.update(len(chunk))
         for s in saves:
@@ -215,7 +219,8 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
         crf_batch: images per torch CRF batch.
     Returns:
         dict with counts (written/skipped per step, missing images/masks), mean Dice per map type
-        ("dice"), wall times per phase ("time_s") and paths.
+        ("dice": {name: {"n", "soft_gt", "binary_gt"}}), per-image (soft, binary) Dice ("per_image"),
+        wall times per phase ("time_s") and paths. Also written to OUT/report.json.
     """
     t0 = time.perf_counter()
     if data not in DATA:
@@ -227,7 +232,8 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
     if crf_backend not in crf_mod.BACKENDS:
         raise ValueError(f"unknown CRF backend {crf_backend!r}; choose one of {crf_mod.BACKENDS}")
     if crf_backend == "pydensecrf" and device != "cpu" and "crf" in steps:
-        raise ValueError(f"the pydensecrf backend runs on the CPU only; got device {device!r} (use --crf-backend torch)")
+        raise ValueError(f"the pydensecrf backend runs on the CPU only; got device {device!r} "
+                         "(use --crf-backend torch)")
     workers = (os.cpu_count() or 1) if workers == 0 else int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 0; got {workers}")
@@ -253,7 +259,8 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
         if "heatmap" not in steps:
             absent = [j for j in jobs if not j.heatmap.is_file()]
             if absent:
-                raise DataError(f"{len(absent)} heatmap(s) missing, e.g. {absent[0].heatmap}; run the heatmap step first")
+                raise DataError(f"{len(absent)} heatmap(s) missing, e.g. {absent[0].heatmap}; "
+                                "run the heatmap step first")
         result["missing_images"] = [j.id for j in jobs if not j.image.is_file()]
         missing = set(result["missing_images"])
         todo_c = [j for j in jobs if j.id not in missing and (overwrite or not j.crf.is_file())]
@@ -289,6 +296,8 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
             if "crf" in steps or any(r["crf"] is not None for r in per):
                 per_image["crf"] = [r["crf"] for r in per if r["crf"] is not None]
             result["dice"] = rep.summarise(per_image)
+            result["per_image"] = {r["id"]: {k: r[k] for k in per_image if r[k] is not None}
+                                   for r in sorted(per, key=lambda r: r["id"]) if r["heatmap"] or r["crf"]}
             result["time_s"]["report"] = time.perf_counter() - t
     except BaseException:  # an error or Ctrl-C: stop the workers now rather than finish the queue
         if pool is not None:
@@ -320,7 +329,8 @@ def _sheet_rows(jobs: list, n: int = 4) -> list:
     have = [j for j in jobs if j.heatmap.is_file()]
     full = [j for j in have if j.image.is_file() and j.mask.is_file() and j.crf.is_file()]
     pick = full if full else have
-    pick = [pick[k] for k in np.unique(np.linspace(0, len(pick) - 1, min(n, len(pick))).round().astype(int))] if pick else []
+    if pick:
+        pick = [pick[k] for k in np.unique(np.linspace(0, len(pick) - 1, min(n, len(pick))).round().astype(int))]
     rows = []
     for j in pick:
         image = load_crf_image(j.image) if j.image.is_file() else None

@@ -41,7 +41,8 @@ def format_report(result: dict) -> str:
     """Human-readable summary of a make_gaze_maps result."""
     lines = [f"gaze maps for {result['n_ids']} {result['data']} image(s) -> {result['out_dir']}"]
     for step in result["steps"]:
-        lines.append(f"  {step:8s} written {result['written'][step]:5d}  skipped (existing) {result['skipped'][step]:5d}"
+        lines.append(f"  {step:8s} written {result['written'][step]:5d}  "
+                     f"skipped (existing) {result['skipped'][step]:5d}"
                      f"  {result['time_s'].get(step, 0.0):7.1f} s")
     for key, what in (("missing_images", "images not found (no CRF for them)"),
                       ("missing_masks", "masks not found (not in the Dice report)"),
@@ -54,7 +55,8 @@ def format_report(result: dict) -> str:
         lines.append("  Dice of (map > 0.5), mean over images:   GT = mask/255 (paper)   GT binarised")
         for name, d in result["dice"].items():
             if d["n"]:
-                lines.append(f"    {name:8s} ({d['n']:4d} images)               {d['soft_gt']:.4f}              {d['binary_gt']:.4f}")
+                lines.append(f"    {name:8s} ({d['n']:4d} images)               {d['soft_gt']:.4f}"
+                             f"              {d['binary_gt']:.4f}")
             else:
                 lines.append(f"    {name:8s} no images with both a map and a mask")
     lines.append(f"  total {result['time_s']['total']:.1f} s")

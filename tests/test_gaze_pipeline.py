@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import binary_dilation
 
 from datasets.io import DataError, dicom_to_uint8_rgb, read_dicom, read_gray, read_ids
 from gaze.__main__ import main
@@ -64,7 +65,9 @@ def make_root(tmp_path, data: str, seed: int = 0):
             Image.fromarray(np.repeat(inside[..., None] * np.uint8(255), 3, -1)).save(root / "masks" / f"{iid}.jpg")
         else:
             write_dicom(root / "images" / f"{iid}.dcm", np.clip(gray * 7, 0, 4000))
-            Image.fromarray(inside.astype(np.uint8) * 255).save(root / "masks" / f"{iid}.png")
+            mask = inside.astype(np.uint8) * 255
+            mask[binary_dilation(inside, iterations=3) & ~inside] = 100  # graded edge: soft and binary Dice differ
+            Image.fromarray(mask).save(root / "masks" / f"{iid}.png")
     csv = tmp_path / f"{data}_fix.csv"
     csv.write_text("\n".join(lines) + "\n")
     return root, csv, fix
@@ -90,11 +93,14 @@ def test_prostate_layout_exact_files_and_report(tmp_path):
         for name, m in (("heatmap", heat), ("crf", crf)):
             soft[name].append(dice(m / 255 > 0.5, g))
             hard[name].append(dice(m / 255 > 0.5, g > 0.5))
+            # the report reads masks as float32: 1e-7
+            assert res["per_image"][iid][name] == pytest.approx((soft[name][-1], hard[name][-1]), abs=1e-7)
     for name in ("heatmap", "crf"):
         assert res["dice"][name]["n"] == 3
-        assert res["dice"][name]["soft_gt"] == pytest.approx(np.mean(soft[name]), abs=1e-12)
-        assert res["dice"][name]["binary_gt"] == pytest.approx(np.mean(hard[name]), abs=1e-12)
+        assert res["dice"][name]["soft_gt"] == pytest.approx(np.mean(soft[name]), abs=1e-7)
+        assert res["dice"][name]["binary_gt"] == pytest.approx(np.mean(hard[name]), abs=1e-7)
     assert res["dice"]["heatmap"]["soft_gt"] > 0.3  # fixations lie on the object
+    assert res["dice"]["heatmap"]["soft_gt"] != pytest.approx(res["dice"]["heatmap"]["binary_gt"], abs=1e-3)
     saved = json.loads((out / "report.json").read_text())
     assert saved["dice"] == res["dice"]
     sheet = np.asarray(Image.open(out / "report.png"))
@@ -213,8 +219,9 @@ def test_real_kvasir_few_images(kvasir_dir, gazemedseg_dir, tmp_path):
                          workers=1, quiet=True, ids=ids)
     assert res["written"] == {"heatmap": 4, "crf": 4} and not res["missing_images"] and not res["missing_masks"]
     for iid in ids:
-        with Image.open(kvasir_dir / "images" / f"{iid}.jpg") as im, Image.open(tmp_path / "crf_compat1" / f"{iid}.jpg") as c:
-            assert im.size == c.size
+        with Image.open(kvasir_dir / "images" / f"{iid}.jpg") as im:
+            with Image.open(tmp_path / "crf_compat1" / f"{iid}.jpg") as c:
+                assert im.size == c.size
     for name in ("heatmap", "crf"):
         d = res["dice"][name]
         assert d["n"] == 4 and 0.3 < d["soft_gt"] < 1 and abs(d["soft_gt"] - d["binary_gt"]) < 0.02

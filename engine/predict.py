@@ -1,0 +1,234 @@
+"""`python run.py predict`: masks, probability maps and contour overlays for new images.
+
+    python run.py predict --ckpt_path RUN/model_best.pth --input images/ --out pred/ [--save_prob]
+
+Each input (jpg/png/dcm, or every such file in a folder) gives OUT/<stem>_mask.png (0/255, original size),
+OUT/<stem>_overlay.png (prediction contour on the image; a DICOM slice min-max scaled) and, with
+--save_prob, OUT/<stem>_prob.png (probability * 255). The image goes through the evaluation pipeline:
+the dataset's normalisation, bilinear resize to --spatial_size, the model's "logits" (the level mean for
+gaze_sup), bilinear upsampling to the original size, sigmoid > threshold.
+
+Checkpoints: this project's (they record their flags in "args") and the paper's ({"state_dict", "opt",
+...}, keys `model.<i>.encoder...` for gaze_sup, `encoder...` for full_sup): method, levels, widths and
+input channels are then read from the weights' names and shapes.
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from datasets.io import DataError, read_image
+from datasets.segmentation import data_spec, image_size, resize
+from engine.evaluate import _forward
+from engine.run_folder import RunError
+from engine.visualize import overlay, to_uint8_rgb
+from models.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint, load_model_state
+from models.segmentation_net import build_model
+
+SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
+MODEL_KEYS = ("method", "num_levels", "in_channels", "features", "feat_dim")
+DATA_BY_CHANNELS = {3: "kvasir", 1: "prostate"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.py predict", description="Segment new images with a trained checkpoint.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint .pth (or a run folder: its model_best.pth)")
+    p.add_argument("--input", nargs="+", required=True, help="image files (jpg/png/dcm) and/or folders of them")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--spatial_size", type=int, default=None, help="network input side (default: from the checkpoint)")
+    p.add_argument("--in_channels", type=int, default=None, help="image channels (default: from the checkpoint)")
+    p.add_argument("--data", default=None, choices=sorted(DATA_BY_CHANNELS.values()),
+                   help="normalisation (default: the checkpoint's, else 3 channels -> kvasir, 1 -> prostate)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: cuda:0 if visible, else cpu)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask")
+    p.add_argument("--save_prob", action="store_true", help="also write the probability map (0-255 PNG)")
+    p.add_argument("--quiet", action="store_true", help="no line per image")
+    g = p.add_argument_group("model shape, only for checkpoints that do not record it")
+    g.add_argument("-m", "--method", default=None, choices=["gaze_sup", "full_sup"])
+    g.add_argument("--num_levels", type=int, default=None)
+    g.add_argument("--features", default=None, help="6 comma-separated U-Net widths")
+    g.add_argument("--feat_dim", type=int, default=None)
+    return p
+
+
+# ---------------------------------------------------------------- inputs
+def list_inputs(inputs: List[str]) -> List[Path]:
+    """Files named directly plus the jpg/png/dcm files of named folders (sorted); checks every header."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
+            if not found:
+                raise DataError(f"no {'/'.join(s[1:] for s in SUFFIXES)} files in folder {path}")
+            files += found
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise DataError(f"unsupported input {path}: expected one of {', '.join(SUFFIXES)}")
+            files.append(path)
+        else:
+            raise DataError(f"input not found: {path}")
+    stems: Dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems and stems[f.stem] != f:
+            raise DataError(f"two inputs share the name {f.stem!r} ({stems[f.stem]} and {f}); their outputs "
+                            "would overwrite each other")
+        stems[f.stem] = f
+        image_size(f)  # a header read: fails now, naming the file, rather than halfway through
+    return list(dict.fromkeys(files))
+
+
+# ---------------------------------------------------------------- checkpoint
+def infer_model_args(state_dict: dict) -> dict:
+    """Method, levels, input channels and widths from a state dict's names and shapes (empty if unknown)."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    sd = dict(zip(keys, state_dict.values()))
+    levels = {int(m.group(1)) for k in keys if (m := re.match(r"model\.(\d+)\.encoder\.", k))}
+    if levels:
+        method, prefix = "gaze_sup", "model.0."
+    elif any(k.startswith("encoder.") for k in keys):
+        method, prefix = "full_sup", ""
+    else:
+        return {}
+    enc = prefix + "encoder."
+    names = [enc + "conv_0.conv_0.conv.weight"] + [enc + f"down_{i}.convs.conv_0.conv.weight" for i in range(1, 5)] \
+        + [enc + "upcat_1.convs.conv_1.conv.weight", enc + "final_conv.weight"]
+    if not all(n in sd for n in names):
+        return {"method": method, **({"num_levels": len(levels)} if levels else {})}
+    out = {"method": method, "in_channels": int(sd[names[0]].shape[1]),
+           "features": [int(sd[n].shape[0]) for n in names[:6]], "feat_dim": int(sd[names[6]].shape[0])}
+    if levels:
+        out["num_levels"] = len(levels)
+    return out
+
+
+def resolve_config(args, ckpt: dict, ckpt_path: Path) -> dict:
+    """Model shape, data and input size: the command line, else the checkpoint's recorded flags, else
+    what the weights imply (model shape) or the channel count (data)."""
+    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    inferred = infer_model_args(checkpoint_state_dict(ckpt))
+    cli = {k: getattr(args, k) for k in MODEL_KEYS + ("data", "spatial_size")}
+    if isinstance(cli["features"], str):
+        cli["features"] = [int(v) for v in cli["features"].replace(" ", "").strip("[]()").split(",") if v]
+    cfg = {}
+    for key in MODEL_KEYS + ("data", "spatial_size"):
+        for source in (cli, saved, inferred):
+            if source.get(key) is not None:
+                cfg[key] = source[key]
+                break
+    cfg.setdefault("method", "gaze_sup")
+    if cfg["method"] == "gaze_sup" and "num_levels" not in cfg:
+        raise RunError(f"{ckpt_path}: cannot tell the number of levels from the checkpoint; pass --num_levels")
+    missing = [k for k in ("in_channels", "features", "feat_dim") if k not in cfg]
+    if missing:
+        raise RunError(f"{ckpt_path}: the checkpoint does not record {missing} and they cannot be read from its "
+                       f"weights; pass --{' --'.join(missing)}")
+    if "data" not in cfg:
+        if cfg["in_channels"] not in DATA_BY_CHANNELS:
+            raise RunError(f"no normalisation known for {cfg['in_channels']}-channel images; pass --data")
+        cfg["data"] = DATA_BY_CHANNELS[cfg["in_channels"]]
+    if data_spec(cfg["data"]).in_channels != cfg["in_channels"]:
+        raise RunError(f"--data {cfg['data']} expects {data_spec(cfg['data']).in_channels}-channel images but the "
+                       f"model takes {cfg['in_channels']} (from {ckpt_path})")
+    if "spatial_size" not in cfg:  # the paper's checkpoints do not record it; guessing would silently hurt
+        raise RunError(f"{ckpt_path} does not record the input size it was trained at; pass --spatial_size "
+                       "(the paper's runs use 224)")
+    return cfg
+
+
+def load_model(ckpt_path, args, device: torch.device):
+    """(model in eval mode on `device`, resolved config). Errors name the checkpoint."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "model_best.pth"
+    try:
+        ckpt = load_checkpoint(path)
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as e:  # torch.load raises IndexError etc. on some non-checkpoint files
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        checkpoint_state_dict(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    cfg = resolve_config(args, ckpt, path)
+    model = build_model(cfg["method"], num_levels=cfg.get("num_levels", 1), in_channels=cfg["in_channels"],
+                        features=tuple(cfg["features"]), feat_dim=cfg["feat_dim"])
+    try:
+        load_model_state(model, checkpoint_state_dict(ckpt), path)
+    except ValueError as e:
+        shape = ", ".join(f"{k}={cfg[k]}" for k in MODEL_KEYS if k in cfg)
+        raise RunError(f"incompatible checkpoint for a model with {shape}:\n  {e}") from None
+    return model.to(device).eval(), cfg
+
+
+# ---------------------------------------------------------------- one image
+def prepare(image: np.ndarray, data: str, spatial_size: int, path: Path) -> torch.Tensor:
+    """The evaluation pipeline's input: normalised as the dataset does, resized bilinear. -> (1, C, S, S)."""
+    spec = data_spec(data)
+    channels = 3 if image.ndim == 3 else 1
+    if channels != spec.in_channels:
+        raise DataError(f"{path} has {channels} channel(s) but the model (--data {data}) expects {spec.in_channels}")
+    x = torch.from_numpy(np.ascontiguousarray(spec.normalize(image)))
+    return resize(x, spatial_size, "bilinear")[None]
+
+
+@torch.no_grad()
+def probability(model: torch.nn.Module, x: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Sigmoid of the model's "logits" upsampled bilinear to `size` (H, W), as engine.evaluate does."""
+    logits = _forward(model, x)["logits"].float()
+    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)[0, 0].cpu()
+
+
+def predict_files(model, cfg: dict, files: List[Path], out: Path, device: torch.device, threshold: float = 0.5,
+                  save_prob: bool = False, quiet: bool = True) -> List[Path]:
+    """Write mask / overlay (/ prob) PNGs for each file; returns the written paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        image = read_image(f)
+        x = prepare(image, cfg["data"], cfg["spatial_size"], f).to(device)
+        prob = probability(model, x, image.shape[:2]).numpy()
+        mask = prob > threshold
+        paths = [out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png"]
+        Image.fromarray(mask.astype(np.uint8) * 255).save(paths[0])
+        Image.fromarray(overlay(to_uint8_rgb(image), mask)).save(paths[1])
+        if save_prob:
+            paths.append(out / f"{f.stem}_prob.png")
+            Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(paths[2])
+        written += paths
+        if not quiet:
+            print(f"{f} -> {paths[0].name} ({100 * mask.mean():.1f}% foreground)")
+    return written
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RunError(f"--device {name} asks for a GPU but none is visible; use --device cpu")
+    return torch.device(f"cuda:{name}" if name.isdigit() else name)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        files = list_inputs(args.input)
+        model, cfg = load_model(args.ckpt_path, args, device)
+        written = predict_files(model, cfg, files, Path(args.out), device, args.threshold, args.save_prob, args.quiet)
+    except (DataError, RunError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(files)} image(s) -> {len(written)} files in {args.out} "
+          f"({cfg['method']}, {cfg['data']}, {cfg['spatial_size']} px, device {device})")
+    return 0

@@ -1,0 +1,408 @@
+"""Training-step speed and memory of GazeSup against the paper's unfold/einsum feature propagation,
+measured on the same device in one run, plus test-set evaluation time.
+
+A step is forward + gaze_sup_loss + backward + SGD step. "ours" is the model as built by
+build_model; "reference" is the same model (same weights) with its feature propagation replaced by
+the paper's formulation, written below; "triton" (CUDA only) swaps in the fused Triton kernels
+(models.feature_propagation.feature_propagation_triton). Each variant (amp / channels_last /
+compile / optimizer implementation) measures all of them, so their ratios come from one run on
+one card. The propagation alone (forward + backward) is timed too.
+
+    python scripts/benchmark.py                                 # paper setting, cuda
+    python scripts/benchmark.py --variants all --json bench.json
+    python scripts/benchmark.py --device cpu --spatial-size 64 --batch-size 2 \\
+        --features 16,16,32,32,64,16 --feat-dim 16 --warmup 1 --iters 3 --eval-images 4
+
+Variant spec: '+'-joined tokens: fp32 | bf16 (autocast), cl (channels_last), foreach | fused
+(optimizer implementation), compile (torch.compile the model). `--variants all` runs ALL_VARIANTS.
+"""
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models.segmentation_net as segmentation_net  # noqa: E402
+from losses import gaze_sup_loss  # noqa: E402
+from models.feature_propagation import feature_propagation_triton  # noqa: E402
+
+ALL_VARIANTS = "fp32,fp32+cl+fused,bf16,bf16+cl,bf16+cl+fused,bf16+cl+fused+compile"
+TOKENS = {"fp32", "bf16", "cl", "foreach", "fused", "compile"}
+
+
+def unfold_propagation(feature: torch.Tensor) -> torch.Tensor:
+    """The paper's feature propagation: unfold the 25 dilated neighbours, then two einsums."""
+    B, C, H, W = feature.shape
+    neigh = F.unfold(feature, kernel_size=5, dilation=2, padding=4).view(B, C, 25, H, W)
+    corr = torch.einsum("bchw,bcnhw->bnhw", feature, neigh)
+    attn = torch.softmax(corr.clamp(min=0), dim=1)
+    return torch.einsum("bnhw,bcnhw->bchw", attn, neigh)
+
+
+IMPLS = {"ours": segmentation_net.feature_propagation, "triton": feature_propagation_triton,
+         "reference": unfold_propagation}
+
+
+@contextlib.contextmanager
+def propagation(impl: str):
+    """Run the model with impl's propagation function ('ours' is the model's own)."""
+    original = segmentation_net.feature_propagation
+    segmentation_net.feature_propagation = IMPLS[impl]
+    try:
+        yield
+    finally:
+        segmentation_net.feature_propagation = original
+
+
+def parse_variant(spec: str) -> set[str]:
+    tokens = set(spec.split("+"))
+    if tokens - TOKENS or {"fp32", "bf16"} <= tokens or {"foreach", "fused"} <= tokens:
+        raise ValueError(f"bad variant {spec!r}: use '+'-joined tokens from {sorted(TOKENS)} "
+                         f"(one of fp32/bf16, at most one of foreach/fused)")
+    return tokens
+
+
+def variant_names(args) -> list[str]:
+    if args.variants:
+        names = (ALL_VARIANTS if args.variants == "all" else args.variants).split(",")
+    else:
+        names = ["+".join([args.amp if args.amp == "bf16" else "fp32"]
+                          + (["cl"] if args.channels_last else [])
+                          + ([args.optimizer] if args.optimizer != "default" else [])
+                          + (["compile"] if args.compile else []))]
+    for name in names:
+        parse_variant(name)
+    return names
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, iters: int, device: torch.device) -> float:
+    """ms per call of fn: CUDA events around the whole loop on GPU; on CPU the median of
+    per-call wall times (robust to other jobs sharing the cores)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def saved_tensor_bytes(model, x: torch.Tensor, amp: bool) -> int:
+    """Exact bytes autograd keeps for the backward pass of one forward (distinct storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, amp):
+        model(x)
+    return sum(storages.values())
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def make_model(args, tokens: set[str], device: torch.device):
+    torch.manual_seed(args.seed)  # the same weights for every variant and implementation
+    model = segmentation_net.build_model("gaze_sup", args.num_levels, 3, args.features, args.feat_dim).to(device)
+    if "cl" in tokens:
+        model = model.to(memory_format=torch.channels_last)
+    kwargs = {"foreach": True} if "foreach" in tokens else {"fused": True} if "fused" in tokens else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay, **kwargs)
+    return model, optimizer
+
+
+def make_batch(args, tokens: set[str], device: torch.device):
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    shape = (args.batch_size, 3, args.spatial_size, args.spatial_size)
+    x = torch.randn(shape, generator=gen).to(device)
+    if "cl" in tokens:
+        x = x.to(memory_format=torch.channels_last)
+    masks = [(torch.rand(args.batch_size, 1, args.spatial_size, args.spatial_size, generator=gen) > 0.5)
+             .float().to(device) for _ in range(args.num_levels)]
+    return x, masks
+
+
+def bench_train(args, variant: str, impl: str, device: torch.device) -> dict:
+    """ms per training step, peak memory and saved-activation bytes of one (variant, impl)."""
+    tokens = parse_variant(variant)
+    amp = "bf16" in tokens
+    with propagation(impl):
+        model, optimizer = make_model(args, tokens, device)
+        x, masks = make_batch(args, tokens, device)
+        saved = saved_tensor_bytes(model, x, amp)
+        step_model = torch.compile(model) if "compile" in tokens else model
+
+        def step():
+            with autocast(device, amp):
+                outputs = step_model(x)
+            loss, _ = gaze_sup_loss(outputs, masks, args.cons_weight, args.cons_mode)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        first_loss = step().item()  # equal across impls (same weights and batch): a sanity check
+        first_step_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            step()
+        ms = time_ms(step, args.iters, device)
+        result = {"variant": variant, "impl": impl, "ms_per_step": ms,
+                  "saved_mb": saved / 2**20, "first_step_s": first_step_s, "first_loss": first_loss}
+        if device.type == "cuda":
+            result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def bench_propagation(args, variant: str, impl: str, device: torch.device) -> dict:
+    """ms for forward + backward of the propagation alone on a (batch, feat_dim, size, size) map
+    (bf16 input for bf16 variants, channels_last for cl), its saved bytes and peak memory."""
+    tokens = parse_variant(variant)
+    dtype = torch.bfloat16 if "bf16" in tokens else torch.float32
+    shape = (args.batch_size, args.feat_dim, args.spatial_size, args.spatial_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    feature = torch.randn(shape, generator=gen).to(device, dtype)
+    if "cl" in tokens:
+        feature = feature.to(memory_format=torch.channels_last)
+    feature.requires_grad_()
+    grad_out = torch.randn(shape, generator=gen).to(device, dtype)
+    fn = IMPLS[impl]
+    saved = saved_tensor_bytes(fn, feature, amp=False)
+
+    def step():
+        fn(feature).backward(grad_out)
+        feature.grad = None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    for _ in range(max(args.warmup, 1)):
+        step()
+    result = {"variant": variant, "impl": impl, "ms_fwd_bwd": time_ms(step, args.iters, device),
+              "saved_mb": saved / 2**20}
+    if device.type == "cuda":
+        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return result
+
+
+@torch.inference_mode()
+def bench_eval(args, variant: str, device: torch.device) -> dict:
+    """Seconds to segment eval_images random images one at a time: upload, forward(x, propagate=False),
+    bilinear upsampling to the mask size, threshold, download (as a test loop would)."""
+    tokens = parse_variant(variant)
+    model, _ = make_model(args, tokens, device)
+    model.eval()
+    if "compile" in tokens:
+        model = torch.compile(model)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = [torch.randn(1, 3, args.eval_size, args.eval_size, generator=gen) for _ in range(args.eval_images)]
+    memory_format = torch.channels_last if "cl" in tokens else torch.contiguous_format
+
+    def segment(image: torch.Tensor) -> torch.Tensor:
+        x = image.to(device, non_blocking=True).to(memory_format=memory_format)
+        with autocast(device, "bf16" in tokens):
+            logits = model(x, propagate=False)["logits"]
+        logits = F.interpolate(logits.float(), size=args.mask_size, mode="bilinear", align_corners=False)
+        return (logits > 0).cpu()
+
+    for image in images[:2]:  # warmup (and compilation)
+        segment(image)
+    sync(device)
+    t0 = time.perf_counter()
+    for image in images:
+        segment(image)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"variant": variant, "images": args.eval_images, "seconds": seconds,
+            "ms_per_image": 1e3 * seconds / max(args.eval_images, 1)}
+
+
+def end_to_end(args) -> dict:
+    """HOOK for the lead: iterations/s of the real training loop with the real data path
+    (prepared Kvasir tensors, GPU flips). Not implemented here."""
+    return {"skipped": "end-to-end data path not wired into the benchmark yet"}
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def _ratio(num: float | None, den: float) -> str:
+    return f"{num / den:.2f}" if num else "-"
+
+
+def table(report: dict) -> str:
+    """The summary: training steps, propagation alone, evaluation, end to end."""
+    train, prop = report["train"], report["propagation"]
+    ref = {r["variant"]: r["ms_per_step"] for r in train if r["impl"] == "reference" and "error" not in r}
+    lines = [f"device: {report['device']}  torch {report['torch']}",
+             f"{'training step':<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>7}{'x ref fp32':>11}"]
+    for r in train:
+        if "error" in r:
+            lines.append(f"{r['variant']:<26}{r['impl']:<11}  ERROR: {r['error']}")
+            continue
+        ms, peak = r["ms_per_step"], f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
+        lines.append(f"{r['variant']:<26}{r['impl']:<11}{ms:>9.1f}{peak:>10}{r['saved_mb']:>10.1f}"
+                     f"{_ratio(ref.get(r['variant']), ms):>7}{_ratio(ref.get('fp32'), ms):>11}")
+    ref = {r["variant"]: r["ms_fwd_bwd"] for r in prop if r["impl"] == "reference" and "error" not in r}
+    lines.append(f"{'propagation fwd+bwd':<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>7}")
+    for r in prop:
+        if "error" in r:
+            lines.append(f"{r['variant']:<26}{r['impl']:<11}  ERROR: {r['error']}")
+            continue
+        ms, peak = r["ms_fwd_bwd"], f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
+        lines.append(f"{r['variant']:<26}{r['impl']:<11}{ms:>9.1f}{peak:>10}{r['saved_mb']:>10.1f}"
+                     f"{_ratio(ref.get(r['variant']), ms):>7}")
+    for e in report["eval"]:
+        if "error" in e:
+            lines.append(f"eval {e['variant']}: ERROR: {e['error']}")
+        else:
+            lines.append(f"eval {e['variant']}: {e['images']} images in {e['seconds']:.2f} s "
+                         f"({e['ms_per_image']:.1f} ms/image)")
+    if "end_to_end" in report:
+        lines.append(f"end to end: {report['end_to_end']}")
+    for impl, best in report["summary"].items():
+        line = f"best {impl}: {best['variant']} {best['ms_per_step']:.1f} ms/step"
+        if "speedup_vs_reference_fp32" in best:
+            line += f", {best['speedup_vs_reference_fp32']:.2f}x the reference fp32"
+        if "peak_mb" in best:
+            line += f", peak {best['peak_mb'] / 1024:.2f} GiB"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def summary(train: list[dict]) -> dict:
+    """Per implementation: its fastest variant and the speedup over the fp32 reference step."""
+    ok = [r for r in train if "error" not in r]
+    base = next((r["ms_per_step"] for r in ok if r["impl"] == "reference" and r["variant"] == "fp32"), None)
+    out = {}
+    for impl in dict.fromkeys(r["impl"] for r in ok):
+        best = min((r for r in ok if r["impl"] == impl), key=lambda r: r["ms_per_step"])
+        out[impl] = {k: best[k] for k in ("variant", "ms_per_step", "peak_mb") if k in best}
+        if base:
+            out[impl]["speedup_vs_reference_fp32"] = base / best["ms_per_step"]
+    return out
+
+
+def attempt(label: str, fn, *fn_args) -> dict:
+    """Run one measurement; on failure print the traceback and return the error instead."""
+    print(f"[{label}] ...", flush=True)
+    try:
+        return fn(*fn_args)
+    except Exception as e:  # keep going: one failing variant must not lose the table
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--num-levels", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--spatial-size", type=int, default=224)
+    p.add_argument("--features", default="64,128,256,512,1024,128", help="six BasicUNet widths")
+    p.add_argument("--feat-dim", type=int, default=128)
+    p.add_argument("--cons-weight", type=float, default=3.0)
+    p.add_argument("--cons-mode", default="prop", choices=["prop", "pure"])
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--momentum", type=float, default=0.99)
+    p.add_argument("--weight-decay", type=float, default=4e-4)
+    p.add_argument("--amp", default="none", choices=["none", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--optimizer", default="default", choices=["default", "foreach", "fused"])
+    p.add_argument("--variants", default="", help=f"comma list of variant specs, or 'all' = {ALL_VARIANTS}; "
+                                                  "overrides --amp/--channels-last/--compile/--optimizer")
+    p.add_argument("--impls", default="", help="comma list from ours, triton, reference "
+                                               "(default: all three on cuda, ours,reference on cpu)")
+    p.add_argument("--reference-compile", action="store_true", help="also run the reference in compile variants")
+    p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--eval-images", type=int, default=120, help="0 skips the evaluation timing")
+    p.add_argument("--eval-size", type=int, default=224)
+    p.add_argument("--mask-size", default="529,622", help="H,W the logits are upsampled to")
+    p.add_argument("--no-propagation", dest="propagation", action="store_false",
+                   help="skip timing the propagation alone")
+    p.add_argument("--end-to-end", action="store_true", help="run the end_to_end hook")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args(argv)
+    args.features = tuple(int(f) for f in args.features.split(","))
+    args.mask_size = tuple(int(s) for s in args.mask_size.split(","))
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark: --device cuda but CUDA is not available (use --device cpu)")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
+    default_impls = "ours,triton,reference" if device.type == "cuda" else "ours,reference"
+    impls = [i for i in (args.impls or default_impls).split(",") if i]
+    if set(impls) - set(IMPLS):
+        raise SystemExit(f"benchmark: --impls {args.impls!r}: expected a comma list from {sorted(IMPLS)}")
+    variants = variant_names(args)
+
+    report = {"device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+              "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+              "train": [], "propagation": [], "eval": []}
+    for variant in variants:
+        for impl in impls:
+            if impl == "reference" and "compile" in variant and not args.reference_compile:
+                continue
+            r = attempt(f"train {variant} / {impl}", bench_train, args, variant, impl, device)
+            report["train"].append({"variant": variant, "impl": impl, **r})
+            free(device)
+            if "compile" not in variant and args.propagation:
+                r = attempt(f"propagation {variant} / {impl}", bench_propagation, args, variant, impl, device)
+                report["propagation"].append({"variant": variant, "impl": impl, **r})
+                free(device)
+        if args.eval_images > 0:
+            report["eval"].append({"variant": variant, **attempt(f"eval {variant}", bench_eval, args, variant, device)})
+            free(device)
+    if args.end_to_end:
+        report["end_to_end"] = end_to_end(args)
+    report["summary"] = summary(report["train"])
+    print(table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

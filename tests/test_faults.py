@@ -1,0 +1,177 @@
+"""Runs that survive faults: SIGTERM -> resumable checkpoint and exit 130, exact resume; a diverged loss stops
+with a clear message and keeps the last good checkpoint; checkpoint writes are atomic; an unwritable or full
+exp_path fails before any work; --deterministic CPU runs are bit-identical."""
+import csv
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from engine.run_folder import RunError
+from models.checkpoint import checkpoint_state_dict, load_checkpoint
+from tests.test_tensorboard import one_thread, only_run_dir, tiny_argv, tiny_dataset  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def loss_rows(run_dir: Path) -> list:
+    path = run_dir / "losses.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def weights(path: Path) -> dict:
+    return checkpoint_state_dict(load_checkpoint(path))
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_root):
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "run.py", *tiny_argv(data_root, exp, "--max_ite", "100000", "--log_step", "1",
+                                                 "--val_step", "100000", "--save_step", "100000", "--quiet")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            runs = list((exp / "0" / "kvasir").glob("*")) if (exp / "0" / "kvasir").exists() else []
+            if runs and len(loss_rows(runs[0])) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    run_dir = only_run_dir(exp)
+    ckpt = load_checkpoint(run_dir / "model_latest.pth")
+    stopped = ckpt["iteration"]
+    assert stopped == int(loss_rows(run_dir)[-1]["iteration"]) >= 3  # the iteration it was at
+    assert {"opt", "history", "args"} <= set(ckpt)
+    hint = f"resume with: python run.py --config {run_dir}/config.yaml --resume --ckpt_path {run_dir}"
+    assert "SIGTERM" in out and hint in out
+
+    # resume as the log says (two more iterations), and compare with a run that was never interrupted
+    target = str(stopped + 2)
+    resumed_exp, fresh_exp = tmp_path / "resumed", tmp_path / "fresh"
+    assert run.main(hint.split("run.py ")[1].split() + ["--max_ite", target, "--exp_path", str(resumed_exp)]) == 0
+    resumed = only_run_dir(resumed_exp)
+    assert [int(r["iteration"]) for r in loss_rows(resumed)] == [stopped + 1, stopped + 2]
+    assert run.main(tiny_argv(data_root, fresh_exp, "--max_ite", target, "--log_step", "1", "--val_step", "100000",
+                              "--quiet")) == 0
+    fresh = only_run_dir(fresh_exp)
+    assert load_checkpoint(resumed / "model_latest.pth")["iteration"] == stopped + 2
+    assert_same_weights(weights(resumed / "model_latest.pth"), weights(fresh / "model_latest.pth"))
+    assert loss_rows(fresh)[-2:] == loss_rows(resumed)
+
+
+def test_stop_flag_first_signal_asks_second_forces():
+    from engine.train import StopFlag
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert stop.signal == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root):
+    exp = tmp_path / "exp"
+    # SGD with lr 1e30: the first update blows the weights up, the next loss is NaN
+    cmd = [sys.executable, "run.py", *tiny_argv(data_root, exp, "--lr", "1e30", "--max_ite", "20", "--log_step", "1",
+                                                 "--val_step", "1", "--quiet")]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stopping" in proc.stderr or "not finite" in proc.stderr, proc.stderr
+    run_dir = only_run_dir(exp)
+    ckpt = load_checkpoint(run_dir / "model_latest.pth")  # loadable
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    rows = loss_rows(run_dir)
+    assert ckpt["iteration"] == int(rows[-1]["iteration"]) and all(float(r["loss"]) == float(r["loss"]) for r in rows)
+    assert f"iteration {ckpt['iteration'] + 1}" in proc.stderr  # the first bad one
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_root, monkeypatch):
+    real_save = torch.save
+    seen = {"calls": 0}
+
+    def crashing_save(obj, f, *args, **kwargs):
+        seen["calls"] += 1
+        if seen["calls"] < 3:  # iteration 2 writes model_latest and model_best; iteration 4 crashes
+            return real_save(obj, f, *args, **kwargs)
+        latest = Path(f.name).with_name("model_latest.pth")
+        seen["latest"], seen["bytes"] = latest, latest.read_bytes()
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])  # half the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(RunError, match="No space left on device"):
+        run.main(tiny_argv(data_root, tmp_path / "exp", "--max_ite", "4", "--val_step", "2", "--quiet"))
+    monkeypatch.undo()
+    latest = seen["latest"]
+    assert latest.read_bytes() == seen["bytes"]
+    assert load_checkpoint(latest)["iteration"] == 2
+    assert sorted(p.name for p in latest.parent.glob("*.pth*")) == ["model_best.pth", "model_latest.pth"]  # no .tmp
+
+
+def test_unwritable_exp_path_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    exp = blocker / "exp"
+    # --root does not exist either: the exp_path error must come first (nothing is loaded before it)
+    with pytest.raises(RunError, match=re.escape(f"cannot write to --exp_path {exp}")):
+        run.main(tiny_argv(tmp_path / "no_such_root", exp, "--quiet"))
+
+
+def test_nearly_full_disk_fails_early(tmp_path, monkeypatch):
+    import shutil
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100 * 1024 ** 2))
+    with pytest.raises(RunError, match="only 100 MiB free under " + re.escape(str(tmp_path / "exp"))):
+        run.main(tiny_argv(tmp_path / "no_such_root", tmp_path / "exp", "--quiet"))
+
+
+def test_deterministic_runs_are_bit_identical(tmp_path, data_root, capsys):
+    dirs = []
+    try:
+        for name in ("a", "b"):
+            argv = tiny_argv(data_root, tmp_path / name, "--max_ite", "4", "--val_step", "4", "--log_step", "1",
+                             "--deterministic", "--quiet")
+            assert run.main(argv) == 0
+            dirs.append(only_run_dir(tmp_path / name))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = dirs
+    assert (a / "losses.csv").read_bytes() == (b / "losses.csv").read_bytes()
+    assert len(loss_rows(a)) == 4
+    assert_same_weights(weights(a / "model_latest.pth"), weights(b / "model_latest.pth"))
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "s/it" not in err  # --quiet: no progress bar
