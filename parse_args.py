@@ -20,7 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="GazeSup: train and evaluate gaze-supervised segmentation (Zhong et al., MICCAI 2024).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None, help="YAML file whose keys are flag names; explicit flags override it")
     g.add_argument("-m", "--method", default="gaze_sup", choices=sorted(METHOD_ALIASES),

@@ -6,7 +6,6 @@
     python run.py --demo                                                     # synthetic end-to-end demo
 """
 import sys
-from pathlib import Path
 
 import torch
 
@@ -34,20 +33,9 @@ def model_args_from_checkpoint(args, ckpt: dict) -> None:
                 setattr(args, key, saved[key])
 
 
-def resolve_checkpoint(path) -> Path:
-    if not path:
-        raise RunError("--ckpt_path is required here")
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model_best.pth"
-    if not path.is_file():
-        raise RunError(f"checkpoint not found: {path}")
-    return path
-
-
 def run_test(args, device, log, run_dir, is_main: bool = True) -> dict:
     from engine.evaluate import TestData, evaluate
-    from engine.run_folder import metrics_table, write_json, write_rows_csv
+    from engine.run_folder import metrics_table, resolve_checkpoint, write_json, write_rows_csv
     from engine.train import make_model, test_dataset
     from models.checkpoint import checkpoint_state_dict, load_checkpoint, load_model_state
 
@@ -55,7 +43,7 @@ def run_test(args, device, log, run_dir, is_main: bool = True) -> dict:
     ckpt = load_checkpoint(path)
     model_args_from_checkpoint(args, ckpt)
     model = make_model(args).to(device)
-    load_model_state(model, checkpoint_state_dict(ckpt), path)
+    load_model_state(model, checkpoint_state_dict(ckpt, path), path)
     data = TestData(test_dataset(args), device, args.num_worker)
     metrics, rows = evaluate(model, data, args.amp, run_dir / "predictions" if args.save_pred and is_main else None)
     if not is_main:  # under torchrun every rank evaluates the whole split; rank 0 alone writes

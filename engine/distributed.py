@@ -21,12 +21,12 @@ class DistContext:
         return self.rank == 0
 
     def gather_rows(self, rows: list) -> list:
-        """All ranks' per-image rows, in rank order."""
+        """All ranks' per-image rows in split order (rank r holds images r, r + world, ...)."""
         if not self.enabled:
             return rows
         parts = [None] * self.world_size
         dist.all_gather_object(parts, rows)
-        return [r for part in parts for r in part]
+        return [part[k] for k in range(len(parts[0])) for part in parts if k < len(part)]
 
     def barrier(self) -> None:
         if self.enabled:

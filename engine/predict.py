@@ -26,7 +26,7 @@ from PIL import Image
 from datasets.io import DataError, read_image
 from datasets.segmentation import data_spec, image_size, resize
 from engine.evaluate import _forward
-from engine.run_folder import RunError
+from engine.run_folder import RunError, resolve_checkpoint
 from engine.visualize import overlay, to_uint8_rgb
 from models.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint, load_model_state
 from models.segmentation_net import build_model
@@ -112,7 +112,7 @@ def resolve_config(args, ckpt: dict, ckpt_path: Path) -> dict:
     """Model shape, data and input size: the command line, else the checkpoint's recorded flags, else
     what the weights imply (model shape) or the channel count (data)."""
     saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    inferred = infer_model_args(checkpoint_state_dict(ckpt))
+    inferred = infer_model_args(checkpoint_state_dict(ckpt, ckpt_path))
     cli = {k: getattr(args, k) for k in MODEL_KEYS + ("data", "spatial_size")}
     if isinstance(cli["features"], str):
         cli["features"] = [int(v) for v in cli["features"].replace(" ", "").strip("[]()").split(",") if v]
@@ -144,15 +144,8 @@ def resolve_config(args, ckpt: dict, ckpt_path: Path) -> dict:
 
 def load_model(ckpt_path, args, device: torch.device):
     """(model in eval mode on `device`, resolved config). Errors name the checkpoint."""
-    path = Path(ckpt_path)
-    if path.is_dir():
-        path = path / "model_best.pth"
-    try:
-        ckpt = load_checkpoint(path)
-    except (CheckpointError, FileNotFoundError):
-        raise
-    except Exception as e:  # torch.load raises IndexError etc. on some non-checkpoint files
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    path = resolve_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(path)
     try:
         checkpoint_state_dict(ckpt)
     except ValueError as e:
@@ -161,7 +154,7 @@ def load_model(ckpt_path, args, device: torch.device):
     model = build_model(cfg["method"], num_levels=cfg.get("num_levels", 1), in_channels=cfg["in_channels"],
                         features=tuple(cfg["features"]), feat_dim=cfg["feat_dim"])
     try:
-        load_model_state(model, checkpoint_state_dict(ckpt), path)
+        load_model_state(model, checkpoint_state_dict(ckpt, path), path)
     except ValueError as e:
         shape = ", ".join(f"{k}={cfg[k]}" for k in MODEL_KEYS if k in cfg)
         raise RunError(f"incompatible checkpoint for a model with {shape}:\n  {e}") from None

@@ -17,6 +17,18 @@ class RunError(RuntimeError):
     """A problem with the run itself (unwritable folder, full disk, diverged loss...)."""
 
 
+def resolve_checkpoint(path, in_run_folder: str = "model_best.pth") -> Path:
+    """A checkpoint file, or a run folder meaning its `in_run_folder` checkpoint."""
+    if not path:
+        raise RunError("--ckpt_path is required here (a .pth file or a run folder)")
+    path = Path(path)
+    if path.is_dir():
+        path = path / in_run_folder
+    if not path.is_file():
+        raise RunError(f"checkpoint not found: {path}")
+    return path
+
+
 def run_id(args) -> str:
     if args.run_name:
         return args.run_name

@@ -16,7 +16,7 @@ from datasets.batches import TrainBatches
 from datasets.segmentation import SegmentationDataset, level_thresholds
 from engine.distributed import DistContext
 from engine.evaluate import TestData, _forward, autocast, evaluate
-from engine.run_folder import RunError, metrics_table, write_json, write_rows_csv
+from engine.run_folder import RunError, metrics_table, resolve_checkpoint, write_json, write_rows_csv
 from engine.visualize import denormalize, overlay
 from losses import full_sup_loss, gaze_sup_loss
 from models.checkpoint import checkpoint_state_dict, load_checkpoint, load_model_state, save_checkpoint
@@ -197,12 +197,9 @@ class Trainer:
         return values
 
     def resume(self, path) -> None:
-        if not path:
-            raise RunError("--resume needs --ckpt_path (a model_latest.pth or a run folder)")
-        path = Path(path)
-        path = path / "model_latest.pth" if path.is_dir() else path
+        path = resolve_checkpoint(path, "model_latest.pth")
         ckpt = load_checkpoint(path)
-        load_model_state(self.model, checkpoint_state_dict(ckpt), path)
+        load_model_state(self.model, checkpoint_state_dict(ckpt, path), path)
         if "opt" in ckpt:
             self.optimizer.load_state_dict(ckpt["opt"])
         if ckpt.get("scaler"):

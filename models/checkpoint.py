@@ -79,7 +79,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                 f"({', '.join(sorted(set(found)))}); refusing to unpickle them "
                 f"(only tensors, plain containers/numbers and NumPy float64 are accepted)") from None
         raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({_reason(msg)})") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+    except Exception as e:  # torch.load raises many types for garbage (IndexError for a text file, ...)
         raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint "
                               f"({type(e).__name__}: {_reason(str(e))})") from e
 
@@ -92,7 +92,7 @@ def _reason(msg: str) -> str:
     return lines[0][:200] if lines else "no details"
 
 
-def checkpoint_state_dict(ckpt: dict) -> dict:
+def checkpoint_state_dict(ckpt: dict, path: str | os.PathLike | None = None) -> dict:
     """The model state dict inside a loaded checkpoint: ckpt["state_dict"] (the paper's format),
     or ckpt itself when it is already a bare state dict (str -> tensor)."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
@@ -101,7 +101,7 @@ def checkpoint_state_dict(ckpt: dict) -> dict:
                                                for k, v in ckpt.items()):
         return ckpt
     keys = list(ckpt)[:10] if isinstance(ckpt, dict) else None
-    raise ValueError(f"checkpoint holds no model state dict: expected a dict with a 'state_dict' entry "
+    raise ValueError(f"checkpoint {path or ''} holds no model state dict: expected a dict with a 'state_dict' entry "
                      f"or a bare name->tensor dict, got {type(ckpt).__name__}"
                      + (f" with keys {keys}" if keys is not None else ""))
 

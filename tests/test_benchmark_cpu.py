@@ -47,3 +47,9 @@ def test_failing_variant_is_reported_not_fatal(capsys):
 def test_bad_variant_spec_is_rejected():
     with pytest.raises(ValueError, match="bf16\\+fp32"):
         benchmark.main(TINY + ["--variants", "bf16+fp32"])
+
+
+def test_end_to_end_times_the_training_data_path():
+    argv = TINY + ["--variants", "fp32", "--impls", "ours", "--eval-images", "0", "--no-propagation", "--end-to-end"]
+    e2e = benchmark.main(argv)["end_to_end"]
+    assert e2e["iterations_per_s"] > 0 and e2e["train_images"] >= 16
