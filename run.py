@@ -24,13 +24,16 @@ def pick_device(args, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", index)
 
 
-def model_args_from_checkpoint(args, ckpt: dict) -> None:
-    """A checkpoint written by this project records its model shape: use it, so --test needs no width flags."""
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(saved, dict):
-        for key in ("method", "num_levels", "features", "feat_dim", "in_channels"):
-            if key in saved:
-                setattr(args, key, saved[key])
+def model_args_from_checkpoint(args, ckpt: dict, path) -> None:
+    """The model shape from the checkpoint, so --test needs no width flags: recorded by this project's
+    checkpoints, else read off the state dict's names and shapes (the paper's checkpoints)."""
+    from models.checkpoint import checkpoint_state_dict, infer_model_args
+
+    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else infer_model_args(
+        checkpoint_state_dict(ckpt, path))
+    for key in ("method", "num_levels", "features", "feat_dim", "in_channels"):
+        if key in saved:
+            setattr(args, key, saved[key])
 
 
 def run_test(args, device, log, run_dir, is_main: bool = True) -> dict:
@@ -41,7 +44,7 @@ def run_test(args, device, log, run_dir, is_main: bool = True) -> dict:
 
     path = resolve_checkpoint(args.ckpt_path)
     ckpt = load_checkpoint(path)
-    model_args_from_checkpoint(args, ckpt)
+    model_args_from_checkpoint(args, ckpt, path)
     model = make_model(args).to(device)
     load_model_state(model, checkpoint_state_dict(ckpt, path), path)
     data = TestData(test_dataset(args), device, args.num_worker)

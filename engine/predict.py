@@ -13,7 +13,6 @@ Checkpoints: this project's (they record their flags in "args") and the paper's 
 input channels are then read from the weights' names and shapes.
 """
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,7 +27,8 @@ from datasets.segmentation import data_spec, image_size, resize
 from engine.evaluate import _forward
 from engine.run_folder import RunError, resolve_checkpoint
 from engine.visualize import overlay, to_uint8_rgb
-from models.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint, load_model_state
+from models.checkpoint import (CheckpointError, checkpoint_state_dict, infer_model_args, load_checkpoint,
+                               load_model_state)
 from models.segmentation_net import build_model
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
@@ -85,29 +85,6 @@ def list_inputs(inputs: List[str]) -> List[Path]:
 
 
 # ---------------------------------------------------------------- checkpoint
-def infer_model_args(state_dict: dict) -> dict:
-    """Method, levels, input channels and widths from a state dict's names and shapes (empty if unknown)."""
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
-    sd = dict(zip(keys, state_dict.values()))
-    levels = {int(m.group(1)) for k in keys if (m := re.match(r"model\.(\d+)\.encoder\.", k))}
-    if levels:
-        method, prefix = "gaze_sup", "model.0."
-    elif any(k.startswith("encoder.") for k in keys):
-        method, prefix = "full_sup", ""
-    else:
-        return {}
-    enc = prefix + "encoder."
-    names = [enc + "conv_0.conv_0.conv.weight"] + [enc + f"down_{i}.convs.conv_0.conv.weight" for i in range(1, 5)] \
-        + [enc + "upcat_1.convs.conv_1.conv.weight", enc + "final_conv.weight"]
-    if not all(n in sd for n in names):
-        return {"method": method, **({"num_levels": len(levels)} if levels else {})}
-    out = {"method": method, "in_channels": int(sd[names[0]].shape[1]),
-           "features": [int(sd[n].shape[0]) for n in names[:6]], "feat_dim": int(sd[names[6]].shape[0])}
-    if levels:
-        out["num_levels"] = len(levels)
-    return out
-
-
 def resolve_config(args, ckpt: dict, ckpt_path: Path) -> dict:
     """Model shape, data and input size: the command line, else the checkpoint's recorded flags, else
     what the weights imply (model shape) or the channel count (data)."""

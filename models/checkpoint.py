@@ -133,3 +133,26 @@ def load_model_state(model: nn.Module, state_dict: dict, path: str | os.PathLike
                 parts.append(f"{len(items)} {name}: {items[:10]}{more}")
         raise ValueError("\n  ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+def infer_model_args(state_dict: dict) -> dict:
+    """Method, levels, input channels and widths from a state dict's names and shapes (empty if unknown)."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    sd = dict(zip(keys, state_dict.values()))
+    levels = {int(m.group(1)) for k in keys if (m := re.match(r"model\.(\d+)\.encoder\.", k))}
+    if levels:
+        method, prefix = "gaze_sup", "model.0."
+    elif any(k.startswith("encoder.") for k in keys):
+        method, prefix = "full_sup", ""
+    else:
+        return {}
+    enc = prefix + "encoder."
+    names = [enc + "conv_0.conv_0.conv.weight"] + [enc + f"down_{i}.convs.conv_0.conv.weight" for i in range(1, 5)] \
+        + [enc + "upcat_1.convs.conv_1.conv.weight", enc + "final_conv.weight"]
+    if not all(n in sd for n in names):
+        return {"method": method, **({"num_levels": len(levels)} if levels else {})}
+    out = {"method": method, "in_channels": int(sd[names[0]].shape[1]),
+           "features": [int(sd[n].shape[0]) for n in names[:6]], "feat_dim": int(sd[names[6]].shape[0])}
+    if levels:
+        out["num_levels"] = len(levels)
+    return out

@@ -139,3 +139,18 @@ def test_bad_input_fails_before_training_naming_the_path(kvasir_root, tmp_path, 
     with pytest.raises(DataError, match=expect.replace(".", r"\.")):
         run.main(["--root", str(root), "--exp_path", str(tmp_path / "exp"), *TINY, "--max_ite", "2", *extra])
     assert not list((tmp_path / "exp").rglob("*.pth"))
+
+
+def test_test_mode_loads_a_paper_format_checkpoint_without_width_flags(kvasir_root, tmp_path):
+    import torch
+
+    from models.segmentation_net import build_model
+
+    model = build_model("gaze_sup", num_levels=2, features=(8, 8, 16, 16, 32, 8), feat_dim=8)
+    path = tmp_path / "model_best.pth"
+    torch.save({"state_dict": model.state_dict(), "opt": {}, "epoch": 3, "iteration": 100,
+                "best_performance": np.float64(0.5), "best_iteration": 100}, path)
+    assert run.main(["--test", "--ckpt_path", str(tmp_path), "--root", str(kvasir_root), "--exp_path",
+                     str(tmp_path / "exp"), "--spatial_size", "32", "--num_worker", "0"]) == 0
+    (test_dir,) = (tmp_path / "exp" / "0" / "kvasir").iterdir()
+    assert json.loads((test_dir / "metrics.json").read_text())["test"]["num_images"] == TEST_IDS
