@@ -152,6 +152,12 @@ if triton is not None:
         return in_range & (h >= 0) & (h < H) & (w >= 0) & (w < W)
 
     @triton.jit
+    def _online_softmax(m, l, r):
+        """One step of a running softmax: max m and normaliser l after seeing the logits r."""
+        m_new = tl.maximum(m, r)
+        return m_new, l * tl.exp(m - m_new) + tl.exp(r - m_new)
+
+    @triton.jit
     def _fwd_kernel(f_ptr, out_ptr, corr_ptr, C, H, W, sfb, sfc, sfh, sfw, sob, soc, soh, sow,
                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         b = tl.program_id(1).to(tl.int64)
@@ -174,10 +180,7 @@ if triton is not None:
                 centre = _load_tile(f, c, c < C, h, w, in_range, sfc, sfh, sfw)
                 corr += tl.sum(centre * _load_tile(f, c, c < C, nh, nw, valid, sfc, sfh, sfw), axis=0)
             tl.store(corr_row + n * HW, corr, mask=in_range)
-            r = tl.maximum(corr, 0.0)
-            m_new = tl.maximum(m, r)
-            l = l * tl.exp(m - m_new) + tl.exp(r - m_new)
-            m = m_new
+            m, l = _online_softmax(m, l, tl.maximum(corr, 0.0))
         tl.debug_barrier()  # corr was stored in the reduction's thread layout; reread in another
         # pass 2: out = sum_n A_n * F_n, chunk by chunk
         for c0 in range(0, C, BLOCK_C):
@@ -220,10 +223,7 @@ if triton is not None:
                 g_c = _load_tile(g, c, c < C, h, w, in_range, sgc, sgh, sgw)
                 d_attn += tl.sum(g_c * _load_tile(f, c, c < C, nh, nw, valid, sfc, sfh, sfw), axis=0)
             tl.store(dattn_row + n * HW, d_attn, mask=in_range)
-            r = tl.maximum(tl.load(corr_row + n * HW, mask=in_range, other=0.0), 0.0)
-            m_new = tl.maximum(m, r)
-            l = l * tl.exp(m - m_new) + tl.exp(r - m_new)
-            m = m_new
+            m, l = _online_softmax(m, l, tl.maximum(tl.load(corr_row + n * HW, mask=in_range, other=0.0), 0.0))
         tl.debug_barrier()
         s = tl.zeros([BLOCK_P], tl.float32)  # sum_n attn_n dA_n
         for n in tl.static_range(25):

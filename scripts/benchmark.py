@@ -306,28 +306,28 @@ def _ratio(num: float | None, den: float) -> str:
     return f"{num / den:.2f}" if num else "-"
 
 
+def _timing_rows(title: str, records: list, key: str, with_fp32: bool) -> list:
+    """Table rows: ms, peak and saved memory per (variant, impl), and the speed-up over the reference
+    of the same variant (and over the fp32 reference)."""
+    ref = {r["variant"]: r[key] for r in records if r["impl"] == "reference" and "error" not in r}
+    lines = [f"{title:<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>7}"
+             + (f"{'x ref fp32':>11}" if with_fp32 else "")]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['variant']:<26}{r['impl']:<11}  ERROR: {r['error']}")
+            continue
+        ms, peak = r[key], f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
+        lines.append(f"{r['variant']:<26}{r['impl']:<11}{ms:>9.1f}{peak:>10}{r['saved_mb']:>10.1f}"
+                     f"{_ratio(ref.get(r['variant']), ms):>7}"
+                     + (f"{_ratio(ref.get('fp32'), ms):>11}" if with_fp32 else ""))
+    return lines
+
+
 def table(report: dict) -> str:
     """The summary: training steps, propagation alone, evaluation, end to end."""
-    train, prop = report["train"], report["propagation"]
-    ref = {r["variant"]: r["ms_per_step"] for r in train if r["impl"] == "reference" and "error" not in r}
-    lines = [f"device: {report['device']}  torch {report['torch']}",
-             f"{'training step':<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>7}{'x ref fp32':>11}"]
-    for r in train:
-        if "error" in r:
-            lines.append(f"{r['variant']:<26}{r['impl']:<11}  ERROR: {r['error']}")
-            continue
-        ms, peak = r["ms_per_step"], f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
-        lines.append(f"{r['variant']:<26}{r['impl']:<11}{ms:>9.1f}{peak:>10}{r['saved_mb']:>10.1f}"
-                     f"{_ratio(ref.get(r['variant']), ms):>7}{_ratio(ref.get('fp32'), ms):>11}")
-    ref = {r["variant"]: r["ms_fwd_bwd"] for r in prop if r["impl"] == "reference" and "error" not in r}
-    lines.append(f"{'propagation fwd+bwd':<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>7}")
-    for r in prop:
-        if "error" in r:
-            lines.append(f"{r['variant']:<26}{r['impl']:<11}  ERROR: {r['error']}")
-            continue
-        ms, peak = r["ms_fwd_bwd"], f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
-        lines.append(f"{r['variant']:<26}{r['impl']:<11}{ms:>9.1f}{peak:>10}{r['saved_mb']:>10.1f}"
-                     f"{_ratio(ref.get(r['variant']), ms):>7}")
+    lines = [f"device: {report['device']}  torch {report['torch']}"]
+    lines += _timing_rows("training step", report["train"], "ms_per_step", with_fp32=True)
+    lines += _timing_rows("propagation fwd+bwd", report["propagation"], "ms_fwd_bwd", with_fp32=False)
     for e in report["eval"]:
         if "error" in e:
             lines.append(f"eval {e['variant']}: ERROR: {e['error']}")
