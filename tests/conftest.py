@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,3 +35,12 @@ def gazemedseg_dir() -> Path:
 def nci_isbi_dir() -> Path:
     """../shared/data/nci-isbi: NRRD label volumes and two DICOM slices."""
     return _need("nci-isbi")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CI machine has 2 shared cores: one intra-op thread avoids oversubscription."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -19,9 +19,10 @@ from engine.predict import infer_model_args, main as predict_main
 from engine.visualize import PRED_COLOR, denormalize, draw_contours
 from models.checkpoint import save_checkpoint
 from models.segmentation_net import build_model
-from tests.test_tensorboard import one_thread, only_run_dir, tiny_argv, tiny_dataset  # noqa: F401 (fixture)
+from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 WIDTHS = dict(features=[8, 8, 16, 16, 32, 8], feat_dim=8)
 
 

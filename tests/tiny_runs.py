@@ -1,0 +1,34 @@
+"""A seconds-long synthetic training run for CPU tests (predict, faults, DDP, TensorBoard)."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from datasets.synthetic import make_synthetic_dataset
+
+TINY_MODEL = ["--features", "8,8,16,16,32,8", "--feat_dim", "8", "--spatial_size", "32"]
+
+
+def tiny_dataset(root: Path, num_train: int = 8, num_test: int = 4) -> Path:
+    """A synthetic Kvasir-layout dataset whose gaze maps are blurred masks (no CRF: fast), in ROOT/gaze/crf_compat1."""
+    make_synthetic_dataset(root, num_train=num_train, num_test=num_test, size_range=(40, 56))
+    gaze = root / "gaze" / "crf_compat1"
+    gaze.mkdir(parents=True)
+    for path in sorted((root / "masks").glob("*.jpg")):
+        mask = np.asarray(Image.open(path).convert("L"), np.float32) / 255
+        blurred = ndimage.gaussian_filter(mask, 2)
+        Image.fromarray(np.round(blurred / blurred.max() * 255).astype(np.uint8)).save(gaze / path.name, quality=95)
+    return root
+
+
+def tiny_argv(root: Path, exp: Path, *extra: str) -> list:
+    """Flags of a seconds-long CPU run: narrow 2-level model, 32 px, SGD."""
+    return (["-m", "gaze_sup", "--data", "kvasir", "--root", str(root), "--exp_path", str(exp), "--num_worker", "0",
+             "-bs", "4", "--opt", "sgd", "--lr", "1e-2", "--seed", "0"] + TINY_MODEL + list(extra))
+
+
+def only_run_dir(exp: Path) -> Path:
+    runs = sorted(p for p in (exp / "0" / "kvasir").iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
