@@ -154,3 +154,27 @@ def test_test_mode_loads_a_paper_format_checkpoint_without_width_flags(kvasir_ro
                      str(tmp_path / "exp"), "--spatial_size", "32", "--num_worker", "0"]) == 0
     (test_dir,) = (tmp_path / "exp" / "0" / "kvasir").iterdir()
     assert json.loads((test_dir / "metrics.json").read_text())["test"]["num_images"] == TEST_IDS
+
+
+@pytest.mark.parametrize("amp", [["--fp16"], ["--amp", "bf16"]])
+def test_mixed_precision_trains_and_checkpoints_the_scaler(kvasir_root, tmp_path, amp):
+    """The paper's --fp16 crashes (GradScaler.update() is never called); here the scaler steps, updates and
+    is saved, so a resumed fp16 run keeps its scale."""
+    from models.checkpoint import load_checkpoint
+
+    run_dir = train(kvasir_root, tmp_path / "exp", "--max_ite", "3", "--val_step", "3", *amp)
+    ckpt = load_checkpoint(run_dir / "model_latest.pth")
+    assert ckpt["iteration"] == 3
+    if amp == ["--fp16"]:
+        assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] == 3
+    assert np.isfinite(json.loads((run_dir / "metrics.json").read_text())["final"]["mdice"])
+
+
+def test_validation_split_selects_model_best(kvasir_root, tmp_path):
+    run_dir = train(kvasir_root, tmp_path / "exp", "--max_ite", "4", "--val_step", "2", "--val_fraction", "0.34")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best"]["selected_on"] == "val"
+    assert all(h["val"]["num_images"] == 2 for h in metrics["history"])  # round(6 * 0.34) held-out ids
+    assert metrics["final"]["num_images"] == TEST_IDS  # the test split is still reported
+    best = max(metrics["history"], key=lambda h: h["val"]["mdice"])
+    assert metrics["best"]["iteration"] == best["iteration"]
