@@ -3,6 +3,7 @@ each epoch, evaluation every val_step, checkpoints every save_step."""
 import csv
 import hashlib
 import math
+import os
 import random
 import signal
 import time
@@ -76,6 +77,25 @@ def test_dataset(args, split=None) -> SegmentationDataset:
                                spatial_size=args.spatial_size)
 
 
+def available_memory(device: torch.device) -> float:
+    """Free bytes on the GPU, or the machine's available RAM (inf when unknown)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def preload_fits(dataset: SegmentationDataset, device: torch.device, share: float = 0.25,
+                 available: Optional[float] = None) -> bool:
+    """--preload auto: keep the resized training set (float32 images, uint8 targets) when it takes at most
+    `share` of the free memory where it would live (`available` bytes; measured when None)."""
+    levels = len(dataset.thresholds) if dataset.uses_gaze() else 1
+    need = len(dataset) * dataset.size ** 2 * (4 * dataset.spec.in_channels + levels)
+    return need <= share * (available_memory(device) if available is None else available)
+
+
 class StopFlag:
     """Turns SIGINT/SIGTERM into a request to checkpoint and stop after the current iteration;
     a second signal stops at once (KeyboardInterrupt), for a run stuck in a long evaluation."""
@@ -126,7 +146,9 @@ class Trainer:
                                         spatial_size=args.spatial_size, thresholds=thresholds, gaze_dir=args.gaze_dir)
         self.check_channels(train_set)
         workers = args.num_worker
-        preload = args.preload != "no"
+        preload = args.preload == "yes" or (args.preload == "auto" and preload_fits(train_set, device))
+        log.info(f"training set {'preloaded on ' + str(device) if preload else 'decoded every step'} "
+                 f"(--preload {args.preload})")
         self.batches = TrainBatches(train_set, args.batch_size, args.seed, device, preload=preload,
                                     num_workers=workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
         self.test_data = TestData(test_dataset(args), device, workers, dist_ctx.rank, dist_ctx.world_size)

@@ -79,3 +79,14 @@ def test_cosine_schedule_matches_the_formula():
     assert lr_at_epoch(args, 2, total) == pytest.approx(1e-2 * 2 / 5)
     args.lr_scheduler = "none"
     assert lr_at_epoch(args, 7, total) == 1e-2
+
+
+def test_preload_auto_keeps_the_set_only_when_it_fits(synthetic_root):
+    from engine.train import available_memory, preload_fits
+
+    ds = dataset(synthetic_root)
+    need = len(ds) * 24 * 24 * (4 * 3 + 2)  # float32 RGB images + one uint8 pseudo-mask per level
+    cpu = torch.device("cpu")
+    assert preload_fits(ds, cpu, share=0.5, available=2 * need)
+    assert not preload_fits(ds, cpu, share=0.5, available=2 * need - 1)
+    assert available_memory(cpu) > 0
