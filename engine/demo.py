@@ -1,4 +1,5 @@
 """`run.py --demo`: a synthetic polyp dataset with simulated gaze, its gaze maps, and demo-sized flags."""
+import importlib.util
 from pathlib import Path
 
 DEMO_FLAGS = dict(method="gaze_sup", data="kvasir", in_channels=3, spatial_size=64, features=[8, 8, 16, 32, 64, 8],
@@ -17,11 +18,7 @@ def prepare_demo(args) -> None:
         csv_path = make_synthetic_dataset(root)
     else:
         csv_path = root / "fixations.csv"
-    backend = "pydensecrf"
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        backend = "torch"
+    backend = "pydensecrf" if importlib.util.find_spec("pydensecrf") else "torch"
     print(f"demo data: {root} (gaze maps with the {backend} CRF)")
     make_gaze_maps(csv_path, root, "kvasir", crf_backend=backend, workers=2, quiet=args.quiet)
     for key, value in DEMO_FLAGS.items():

@@ -10,6 +10,7 @@ from PIL import Image
 
 from datasets.segmentation import SegmentationDataset
 from engine.metrics import dice_iou, hd95, summarize
+from models.segmentation_net import MultiLevelNet
 
 
 def autocast(device: torch.device, amp: str):
@@ -65,7 +66,7 @@ def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pre
     rows = []
     for image_id, image, mask in zip(data.ids, data.images, data.masks):
         with autocast(image.device, amp):
-            outputs = _forward(model, image)
+            outputs = model_outputs(model, image)
         row = {"id": image_id}
         for key in prediction_keys(outputs):
             logits = F.interpolate(outputs[key].float(), size=mask.shape, mode="bilinear", align_corners=False)
@@ -85,11 +86,9 @@ def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pre
     return summarize_rows(rows), rows
 
 
-def _forward(model, image):
-    try:
-        return model(image, propagate=False)
-    except TypeError:
-        return model(image)
+def model_outputs(model: torch.nn.Module, image: torch.Tensor) -> dict:
+    """Predictions without the feature propagation (only training's consistency loss needs it)."""
+    return model(image, propagate=False) if isinstance(model, MultiLevelNet) else model(image)
 
 
 def summarize_rows(rows: List[dict]) -> Dict[str, float]:

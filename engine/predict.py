@@ -24,7 +24,7 @@ from PIL import Image
 
 from datasets.io import DataError, read_image
 from datasets.segmentation import data_spec, image_size, resize
-from engine.evaluate import _forward
+from engine.evaluate import model_outputs
 from engine.run_folder import RunError, resolve_checkpoint
 from engine.visualize import overlay, to_uint8_rgb
 from models.checkpoint import (CheckpointError, checkpoint_state_dict, infer_model_args, load_checkpoint,
@@ -152,7 +152,7 @@ def prepare(image: np.ndarray, data: str, spatial_size: int, path: Path) -> torc
 @torch.no_grad()
 def probability(model: torch.nn.Module, x: torch.Tensor, size: tuple) -> torch.Tensor:
     """Sigmoid of the model's "logits" upsampled bilinear to `size` (H, W), as engine.evaluate does."""
-    logits = _forward(model, x)["logits"].float()
+    logits = model_outputs(model, x)["logits"].float()
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return torch.sigmoid(logits)[0, 0].cpu()
 

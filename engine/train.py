@@ -16,9 +16,9 @@ import torch
 from datasets.batches import TrainBatches
 from datasets.segmentation import SegmentationDataset, level_thresholds
 from engine.distributed import DistContext
-from engine.evaluate import TestData, _forward, autocast, evaluate
+from engine.evaluate import TestData, autocast, evaluate
 from engine.run_folder import RunError, metrics_table, resolve_checkpoint, write_json, write_rows_csv
-from engine.visualize import denormalize, overlay
+from engine.visualize import log_images
 from losses import full_sup_loss, gaze_sup_loss
 from models.checkpoint import checkpoint_state_dict, load_checkpoint, load_model_state, save_checkpoint
 from models.segmentation_net import build_model
@@ -282,36 +282,9 @@ class Trainer:
         if improved:
             self.save("model_best.pth")
         if self.writer is not None:
-            self.log_images()
+            log_images(self.writer, self.model, self.iteration, self.test_data, *self.train_preview(4),
+                       gaze_sup=self.args.method == "gaze_sup")
         return metrics, rows
-
-    @torch.no_grad()
-    def log_images(self, count: int = 4) -> None:
-        """TensorBoard images at the network input size: `images/test` (prediction green, ground truth red)
-        for the first test images of this rank, and the first preloaded training images with each level's
-        pseudo-mask (red) and that level's prediction (green), `images/train_level_<i>` (full_sup:
-        `images/train`, ground truth red)."""
-        was_training = self.model.training
-        self.model.eval()
-        n = min(count, len(self.test_data))
-        if n:
-            images = torch.cat(self.test_data.images[:n])
-            preds = torch.sigmoid(_forward(self.model, images)["logits"].float()) > 0.5
-            panels = []
-            for image, pred, mask in zip(images, preds, self.test_data.masks[:n]):
-                gt = torch.nn.functional.interpolate(mask[None, None].float(), size=image.shape[-2:], mode="nearest")
-                panels.append(overlay(denormalize(image), pred[0].cpu().numpy(), gt[0, 0].numpy()))
-            self.writer.add_images("images/test", np.stack(panels), self.iteration, dataformats="NHWC")
-        images, targets = self.train_preview(count)
-        outputs = _forward(self.model, images)
-        levels = range(1, targets.shape[1] + 1) if self.args.method == "gaze_sup" else [0]
-        for i in levels:
-            key, tag = (f"logits_{i}", f"images/train_level_{i}") if i else ("logits", "images/train")
-            preds = (torch.sigmoid(outputs[key].float()) > 0.5)[:, 0].cpu().numpy()
-            refs = targets[:, max(i - 1, 0)].cpu().numpy()
-            panels = [overlay(denormalize(x), p, r) for x, p, r in zip(images, preds, refs)]
-            self.writer.add_images(tag, np.stack(panels), self.iteration, dataformats="NHWC")
-        self.model.train(was_training)
 
     def train_preview(self, count: int) -> tuple:
         """The first `count` training images and targets (unflipped): a slice of the preloaded tensors,

@@ -72,3 +72,32 @@ def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray = None, thickne
     if ref is not None:
         image = draw_contours(image, ref, REF_COLOR, thickness)
     return draw_contours(image, pred, PRED_COLOR, thickness)
+
+
+@torch.no_grad()
+def log_images(writer, model: torch.nn.Module, iteration: int, test_data, train_images: torch.Tensor,
+               train_targets: torch.Tensor, gaze_sup: bool, count: int = 4) -> None:
+    """TensorBoard images at the network input size: `images/test` (prediction green, ground truth red) for
+    the first test images, and training images with each level's pseudo-mask (red) and that level's
+    prediction (green), `images/train_level_<i>` (full_sup: `images/train`, ground truth red)."""
+    from engine.evaluate import model_outputs
+
+    was_training = model.training
+    model.eval()
+    n = min(count, len(test_data))
+    if n:
+        images = torch.cat(test_data.images[:n])
+        preds = torch.sigmoid(model_outputs(model, images)["logits"].float()) > 0.5
+        panels = []
+        for image, pred, mask in zip(images, preds, test_data.masks[:n]):
+            gt = torch.nn.functional.interpolate(mask[None, None].float(), size=image.shape[-2:], mode="nearest")
+            panels.append(overlay(denormalize(image), pred[0].cpu().numpy(), gt[0, 0].numpy()))
+        writer.add_images("images/test", np.stack(panels), iteration, dataformats="NHWC")
+    outputs = model_outputs(model, train_images)
+    for i in range(1, train_targets.shape[1] + 1) if gaze_sup else [0]:
+        key, tag = (f"logits_{i}", f"images/train_level_{i}") if i else ("logits", "images/train")
+        preds = (torch.sigmoid(outputs[key].float()) > 0.5)[:, 0].cpu().numpy()
+        refs = train_targets[:, max(i - 1, 0)].cpu().numpy()
+        panels = [overlay(denormalize(x), p, r) for x, p, r in zip(train_images, preds, refs)]
+        writer.add_images(tag, np.stack(panels), iteration, dataformats="NHWC")
+    model.train(was_training)
