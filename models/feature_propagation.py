@@ -95,7 +95,7 @@ def propagation_backward(feature: torch.Tensor, corr: torch.Tensor, grad_out: to
     """
     B, C, H, W = feature.shape
     fp, gp = _pad(feature.to(corr.dtype)), _pad(grad_out.to(corr.dtype))
-    f, g = _view(fp, 0, 0, H, W), _view(gp, 0, 0, H, W)
+    g = _view(gp, 0, 0, H, W)
     attn = _attention(corr)
     grad_attn = torch.empty_like(corr)
     for n, (dy, dx) in enumerate(NEIGHBOURS):
