@@ -27,6 +27,20 @@ def read_dicom(path) -> np.ndarray:
         raise DataError(f"cannot read DICOM {path}: {e}") from e
 
 
+def image_size(path) -> tuple:
+    """(H, W) from the file header, without decoding pixels."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".dcm":
+            import pydicom
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
 def read_image(path) -> np.ndarray:
     """An image as stored: RGB uint8 (H, W, 3) for jpg/png colour, (H, W) for gray, float32 (H, W) for dcm."""
     path = _require(path)

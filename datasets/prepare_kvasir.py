@@ -8,9 +8,8 @@ import random
 import shutil
 from pathlib import Path
 
-from PIL import Image
 
-from datasets.io import DataError
+from datasets.io import DataError, image_size
 
 MAX_LISTED = 10  # problems listed in one error message
 
@@ -20,15 +19,6 @@ def _fail(problems: list, what: str) -> None:
         shown = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError(f"{len(problems)} {what}:\n  {shown}{more}")
-
-
-def image_size(path: Path) -> tuple:
-    """(width, height) from the file header; PIL decodes no pixels until asked, so this is fast."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:
-        raise DataError(f"cannot read image header of {path}: {e}") from e
 
 
 def scan_kvasir(src) -> list:
@@ -53,7 +43,7 @@ def scan_kvasir(src) -> list:
     for i in sorted(images.keys() & masks.keys()):
         si, sm = image_size(images[i]), image_size(masks[i])
         if si != sm:
-            problems.append(f"size mismatch for {i}: image {images[i]} is {si[0]}x{si[1]} (WxH), "
+            problems.append(f"size mismatch for {i}: image {images[i]} is {si[0]}x{si[1]} (HxW), "
                             f"mask {masks[i]} is {sm[0]}x{sm[1]}")
     _fail(problems, "problem(s) in the Kvasir-SEG source")
     return sorted(images)

@@ -10,9 +10,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from datasets.io import DataError, read_gray, read_ids, read_image
+from datasets.io import DataError, image_size, read_gray, read_ids, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,19 +66,6 @@ def level_thresholds(data: str, num_levels: int, override: Optional[Sequence[flo
         raise DataError(f"no paper thresholds for --data {data} with {num_levels} levels "
                         f"(known: {sorted(table)}); pass --thresholds")
     return table[num_levels]
-
-
-def image_size(path: Path) -> tuple:
-    """(H, W) from the file header, without decoding pixels."""
-    try:
-        if path.suffix.lower() == ".dcm":
-            import pydicom
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-            return int(ds.Rows), int(ds.Columns)
-        with Image.open(path) as im:
-            return im.height, im.width
-    except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:

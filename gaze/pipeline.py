@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets.io import DataError, dicom_to_uint8_rgb, read_dicom, read_gray, read_image
+from datasets.segmentation import DATA_SPECS
 from gaze import crf as crf_mod
 from gaze import report as rep
 from gaze.fixations import read_fixations
@@ -45,8 +46,8 @@ class Layout:
     sigma: float
 
 
-DATA = {"kvasir": Layout(".jpg", ".jpg", ".jpg", SIGMA["kvasir"]),
-        "prostate": Layout(".dcm", ".png", ".png", SIGMA["prostate"])}
+# file layouts as the training data reads them (datasets.segmentation), plus each dataset's blur
+DATA = {name: Layout(spec.image_ext, spec.mask_ext, spec.gaze_ext, SIGMA[name]) for name, spec in DATA_SPECS.items()}
 
 
 @dataclass(frozen=True)

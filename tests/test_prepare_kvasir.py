@@ -86,7 +86,7 @@ def test_mask_without_image_is_named(tmp_path):
 def test_size_mismatch_is_named_with_both_sizes(tmp_path):
     src = make_kvasir(tmp_path / "src", mask_sizes={"id02": (45, 26)})
     w, h = SIZES["id02"]
-    with pytest.raises(DataError, match=rf"size mismatch for id02: image .*id02\.jpg is {w}x{h} \(WxH\), mask .*id02\.jpg is 45x26"):
+    with pytest.raises(DataError, match=rf"size mismatch for id02: image .*id02\.jpg is {h}x{w} \(HxW\), mask .*id02\.jpg is 26x45"):
         scan_kvasir(src)
 
 
