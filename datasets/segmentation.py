@@ -68,6 +68,14 @@ def level_thresholds(data: str, num_levels: int, override: Optional[Sequence[flo
     return table[num_levels]
 
 
+def normalized_image(image: np.ndarray, data: str, path) -> torch.Tensor:
+    """An image as read from `path`, normalised for the network: (C, H, W) float32."""
+    spec, channels = data_spec(data), 3 if image.ndim == 3 else 1
+    if channels != spec.in_channels:
+        raise DataError(f"{path} has {channels} channel(s) but --data {data} expects {spec.in_channels}")
+    return torch.from_numpy(np.ascontiguousarray(spec.normalize(image)))
+
+
 def resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """(C, H, W) -> (C, size, size); bilinear with align_corners=False, or nearest."""
     kw = {"align_corners": False} if mode == "bilinear" else {}
@@ -96,7 +104,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, data: str, split, train: bool, method: str = "gaze_sup", spatial_size: int = 384,
                  thresholds: Sequence[float] = (0.5,), gaze_dir: str = "crf_compat1", data_size_rate: float = 1.0):
-        self.root, self.spec = Path(root), data_spec(data)
+        self.root, self.data, self.spec = Path(root), data, data_spec(data)
         if not self.root.is_dir():
             raise DataError(f"dataset root not found: {self.root}")
         ids = read_ids(self.root / f"{split}.txt") if isinstance(split, str) else list(split)
@@ -140,10 +148,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def load_image(self, i: int) -> torch.Tensor:
         """Normalised image at its original size, (C, H, W) float32."""
-        image = read_image(self.image_path(i))
-        if image.ndim == 3 and self.spec.in_channels == 1:
-            raise DataError(f"{self.image_path(i)} has colour channels but --data expects 1 channel")
-        return torch.from_numpy(np.ascontiguousarray(self.spec.normalize(image)))
+        return normalized_image(read_image(self.image_path(i)), self.data, self.image_path(i))
 
     def load_mask(self, i: int) -> torch.Tensor:
         """Binary mask at its original size, (1, H, W) float32 (gray / 255 > 0.5)."""

@@ -69,8 +69,7 @@ def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pre
             outputs = model_outputs(model, image)
         row = {"id": image_id}
         for key in prediction_keys(outputs):
-            logits = F.interpolate(outputs[key].float(), size=mask.shape, mode="bilinear", align_corners=False)
-            pred = (torch.sigmoid(logits) > 0.5)[0, 0].cpu()
+            pred = (torch.sigmoid(upsample_logits(outputs[key], mask.shape)) > 0.5)[0, 0].cpu()
             suffix = key[6:]  # "" or "_i"
             row["dice" + suffix], row["iou" + suffix] = dice_iou(pred, mask)
             if not suffix and with_hd95:
@@ -84,6 +83,11 @@ def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pre
     if gather is not None:
         rows = gather(rows)
     return summarize_rows(rows), rows
+
+
+def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits at the mask's size (bilinear, align_corners=False, as the paper), in float32."""
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def model_outputs(model: torch.nn.Module, image: torch.Tensor) -> dict:

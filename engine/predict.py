@@ -19,12 +19,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from datasets.io import DataError, read_image
-from datasets.segmentation import data_spec, image_size, resize
-from engine.evaluate import model_outputs
+from datasets.segmentation import data_spec, image_size, normalized_image, resize
+from engine.evaluate import model_outputs, upsample_logits
 from engine.run_folder import RunError, resolve_checkpoint
 from engine.visualize import overlay, to_uint8_rgb
 from models.checkpoint import (CheckpointError, checkpoint_state_dict, infer_model_args, load_checkpoint,
@@ -141,20 +140,13 @@ def load_model(ckpt_path, args, device: torch.device):
 # ---------------------------------------------------------------- one image
 def prepare(image: np.ndarray, data: str, spatial_size: int, path: Path) -> torch.Tensor:
     """The evaluation pipeline's input: normalised as the dataset does, resized bilinear. -> (1, C, S, S)."""
-    spec = data_spec(data)
-    channels = 3 if image.ndim == 3 else 1
-    if channels != spec.in_channels:
-        raise DataError(f"{path} has {channels} channel(s) but the model (--data {data}) expects {spec.in_channels}")
-    x = torch.from_numpy(np.ascontiguousarray(spec.normalize(image)))
-    return resize(x, spatial_size, "bilinear")[None]
+    return resize(normalized_image(image, data, path), spatial_size, "bilinear")[None]
 
 
 @torch.no_grad()
 def probability(model: torch.nn.Module, x: torch.Tensor, size: tuple) -> torch.Tensor:
     """Sigmoid of the model's "logits" upsampled bilinear to `size` (H, W), as engine.evaluate does."""
-    logits = model_outputs(model, x)["logits"].float()
-    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return torch.sigmoid(logits)[0, 0].cpu()
+    return torch.sigmoid(upsample_logits(model_outputs(model, x)["logits"], size))[0, 0].cpu()
 
 
 def predict_files(model, cfg: dict, files: List[Path], out: Path, device: torch.device, threshold: float = 0.5,

@@ -200,7 +200,7 @@ def test_clear_errors(tmp_path, capsys, data_root):
     gray = tmp_path / "gray.png"
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(gray)
     msg = _error(capsys, base + ["--input", str(gray)])
-    assert f"{gray} has 1 channel(s) but the model (--data kvasir) expects 3" in msg
+    assert f"{gray} has 1 channel(s) but --data kvasir expects 3" in msg
     paper = tmp_path / "paper.pth"
     random_checkpoint(paper, paper=True)
     msg = _error(capsys, ["--ckpt_path", str(paper), "--input", image, "--out", str(tmp_path / "o")])
