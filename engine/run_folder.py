@@ -62,13 +62,19 @@ def create_run_dir(args, kind: str = "") -> Path:
     return path
 
 
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        from tqdm import tqdm
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
 def setup_logger(run_dir: Path, quiet: bool = False, rank: int = 0) -> logging.Logger:
     logger = logging.getLogger("gazesup")
     logger.handlers.clear()
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
+    console = _TqdmHandler()  # log lines above the progress bar, not through it
     console.setFormatter(fmt)
     logger.addHandler(console)
     if rank == 0 and run_dir is not None:
