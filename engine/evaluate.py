@@ -26,6 +26,7 @@ class TestData:
     def __init__(self, dataset: SegmentationDataset, device, num_workers: int = 0, rank: int = 0,
                  world_size: int = 1):
         self.ids, self.images, self.masks = [], [], []
+        self.total = len(dataset)  # over all ranks
         shard = list(range(rank, len(dataset), world_size))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=None,
                                              num_workers=num_workers)

@@ -301,8 +301,8 @@ class Trainer:
     def fit(self) -> dict:
         args, log = self.args, self.log
         spe = self.steps_per_epoch
-        log.info(f"{len(self.batches.dataset)} training images, {len(self.test_data) * self.dist.world_size} test "
-                 f"images (approx.), {spe} steps per epoch, {self.total_epoch} epochs, device {self.device}")
+        log.info(f"{len(self.batches.dataset)} training images, {self.test_data.total} test "
+                 f"images, {spe} steps per epoch, {self.total_epoch} epochs, device {self.device}")
         start_epoch, start_step = self.iteration // spe + 1, self.iteration % spe
         window, final = [], None
         loss_file = self.run_dir / "losses.csv" if self.dist.is_main else None
