@@ -173,6 +173,7 @@ class Trainer:
         self.iteration, self.best, self.best_iteration = 0, -math.inf, 0
         self.history = []
         self._preview = None  # training images shown in TensorBoard
+        self._log_clock = None  # (time, iteration) of the last log line, for ms/it
         self.steps_per_epoch = len(self.batches)
         self.total_epoch = args.max_ite // self.steps_per_epoch + 1
         if args.resume:
@@ -379,7 +380,7 @@ class Trainer:
         means = torch.stack([torch.stack([w[k] for w in window]).float().mean() for k in keys]).cpu()
         means = dict(zip(keys, (self.all_ranks(means) / self.dist.world_size).tolist()))
         now = time.perf_counter()
-        last, self._log_clock = getattr(self, "_log_clock", None), (now, self.iteration)
+        last, self._log_clock = self._log_clock, (now, self.iteration)
         speed = f"{1000 * (now - last[0]) / (self.iteration - last[1]):.1f} ms/it | " if last else ""
         self.log.info(f"ite {self.iteration}/{self.args.max_ite} | {speed}lr {lr:.3e} | "
                       + " | ".join(f"{k} {v:.6f}" for k, v in means.items()))
@@ -409,7 +410,7 @@ class Trainer:
         if self.args.save_pred and self.dist.is_main:  # only rank 0 writes: it predicts the whole split
             data = self.test_data if not self.dist.enabled else TestData(test_dataset(self.args), self.device,
                                                                          self.args.num_worker)
-            evaluate(self.model, data, self.args.amp, self.run_dir / "predictions")
+            evaluate(self.model, data, self.args.amp, self.run_dir / "predictions", with_hd95=False)
         if self.dist.is_main:
             write_json(self.run_dir / "metrics.json", summary)
             write_rows_csv(self.run_dir / "per_image_metrics.csv", rows)

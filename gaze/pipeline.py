@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from datasets.io import DataError, dicom_to_uint8_rgb, read_dicom, read_gray, read_image
 from datasets.segmentation import DATA_SPECS
+from engine.run_folder import write_json
 from gaze import crf as crf_mod
 from gaze import report as rep
 from gaze.fixations import read_fixations
@@ -319,7 +320,7 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
         result["time_s"]["sheet"] = time.perf_counter() - t
     result["time_s"]["total"] = time.perf_counter() - t0
     if report:
-        rep.write_json(result, out_dir / "report.json")
+        write_json(out_dir / "report.json", result)
     if not quiet:
         print(rep.format_report(result))
     return result

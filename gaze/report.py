@@ -5,11 +5,11 @@ Dice is computed between (map > 0.5) and the mask in two ways:
   binary GT g = (mask / 255 > 0.5), same formula
 Maps and masks are read back from their files, i.e. what training will see.
 """
-import json
-from pathlib import Path
 
 import cv2
 import numpy as np
+
+from engine.visualize import draw_contours
 
 
 def dice(pred: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> float:
@@ -63,10 +63,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path) -> None:
-    Path(path).write_text(json.dumps(result, indent=1))
-
-
 # ----------------------------------------------------------------------------- PNG sheet
 
 PANEL = 192  # panel height in pixels
@@ -83,12 +79,10 @@ def _colour(gaze_map: np.ndarray) -> np.ndarray:
 
 
 def _contour(rgb: np.ndarray, mask) -> np.ndarray:
+    """The GT outline in white (nothing without a mask)."""
     if mask is None:
         return rgb
-    cs, _ = cv2.findContours((mask > 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    out = np.ascontiguousarray(rgb)
-    cv2.drawContours(out, cs, -1, (255, 255, 255), max(1, rgb.shape[0] // 200))
-    return out
+    return draw_contours(rgb, mask > 0.5, (255, 255, 255), max(1, rgb.shape[0] // 200))
 
 
 def _text(img: np.ndarray, s: str) -> np.ndarray:
