@@ -4,9 +4,15 @@ measured on the same device in one run, plus test-set evaluation time.
 A step is forward + gaze_sup_loss + backward + SGD step. "ours" is the model as built by
 build_model; "reference" is the same model (same weights) with its feature propagation replaced by
 the paper's formulation, written below; "triton" (CUDA only) swaps in the fused Triton kernels
-(models.feature_propagation.feature_propagation_triton). Each variant (amp / channels_last /
-compile / optimizer implementation) measures all of them, so their ratios come from one run on
-one card. The propagation alone (forward + backward) is timed too.
+(models.feature_propagation.feature_propagation_triton); "none" leaves the propagation out (identity),
+so a step minus the "none" step is what the propagation costs inside the step. Each variant
+(amp / channels_last / compile / optimizer implementation) measures all of them, so their ratios
+come from one run on one card. The propagation alone (forward + backward) is timed too.
+
+Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the peak of live tensor bytes (every
+storage an op allocates, counted until it is freed; no allocator rounding or library workspaces).
+The conv/matmul work per step is counted once on the meta device (FlopCounterMode), giving the
+arithmetic floor at --tflops. `--profile FILE` appends torch.profiler's top kernels of each step.
 
     python scripts/benchmark.py                                 # paper setting, cuda
     python scripts/benchmark.py --variants all --json bench.json
@@ -24,10 +30,14 @@ import statistics
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models.segmentation_net as segmentation_net  # noqa: E402
@@ -47,8 +57,13 @@ def unfold_propagation(feature: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bnhw,bcnhw->bchw", attn, neigh)
 
 
+def no_propagation(feature: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out baseline: the step without the propagation's work."""
+    return feature
+
+
 IMPLS = {"ours": segmentation_net.feature_propagation, "triton": feature_propagation_triton,
-         "reference": unfold_propagation}
+         "reference": unfold_propagation, "none": no_propagation}
 
 
 @contextlib.contextmanager
@@ -70,14 +85,18 @@ def parse_variant(spec: str) -> set[str]:
     return tokens
 
 
+def flag_variant(args) -> str:
+    """The variant that --amp / --channels-last / --optimizer / --compile describe."""
+    return "+".join([args.amp if args.amp == "bf16" else "fp32"] + (["cl"] if args.channels_last else [])
+                    + ([args.optimizer] if args.optimizer != "default" else [])
+                    + (["compile"] if args.compile else []))
+
+
 def variant_names(args) -> list[str]:
     if args.variants:
         names = (ALL_VARIANTS if args.variants == "all" else args.variants).split(",")
     else:
-        names = ["+".join([args.amp if args.amp == "bf16" else "fp32"]
-                          + (["cl"] if args.channels_last else [])
-                          + ([args.optimizer] if args.optimizer != "default" else [])
-                          + (["compile"] if args.compile else []))]
+        names = [flag_variant(args)]
     for name in names:
         parse_variant(name)
     return names
@@ -118,6 +137,64 @@ def saved_tensor_bytes(model, x: torch.Tensor, amp: bool) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, amp):
         model(x)
     return sum(storages.values())
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once while the mode is active: each storage an op
+    returns is counted once, until it is freed. `base` is what was alive before (weights, batch).
+    The CPU stand-in for torch.cuda.max_memory_allocated."""
+
+    def __init__(self, base: int = 0):
+        super().__init__()
+        self.now = self.peak = base
+        self._live: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.now -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if id(storage) not in self._live:
+                    self._live[id(storage)] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, id(storage))
+        return out
+
+
+def storage_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the distinct storages behind tensors."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def step_tflop(args) -> dict:
+    """Convolution/matmul TFLOP of one training step (forward + backward), counted on the meta device.
+    The propagation is left out: it is elementwise (~2.6 GFLOP at the paper setting)."""
+    with torch.device("meta"), propagation("none"):
+        model = segmentation_net.build_model("gaze_sup", args.num_levels, 3, args.features, args.feat_dim)
+        x = torch.randn(args.batch_size, 3, args.spatial_size, args.spatial_size)
+        masks = [torch.rand(args.batch_size, 1, args.spatial_size, args.spatial_size)] * args.num_levels
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss, _ = gaze_sup_loss(model(x), masks, args.cons_weight, args.cons_mode)
+            loss.backward()
+    return {"tflop_per_step": counter.get_total_flops() / 1e12}
+
+
+def profile_table(step, device: torch.device, iters: int) -> str:
+    """torch.profiler's top ops/kernels over iters steps, by self time on the device (CPU on CPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -165,18 +242,30 @@ def bench_train(args, variant: str, impl: str, device: torch.device) -> dict:
             optimizer.zero_grad(set_to_none=True)
             return loss
 
+        # on CPU the live-bytes tracker watches the first two steps (the second has optimizer state)
+        track = device.type == "cpu" and "compile" not in tokens
+        tracker = LiveTensorBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        first_loss = step().item()  # equal across impls (same weights and batch): a sanity check
-        first_step_s = time.perf_counter() - t0
-        for _ in range(args.warmup):
+        with tracker if track else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            first_loss = step().item()  # equal across impls (same weights and batch): a sanity check
+            first_step_s = time.perf_counter() - t0
+            if track:
+                step()
+        for _ in range(args.warmup - track):
             step()
         ms = time_ms(step, args.iters, device)
         result = {"variant": variant, "impl": impl, "ms_per_step": ms,
                   "saved_mb": saved / 2**20, "first_step_s": first_step_s, "first_loss": first_loss}
         if device.type == "cuda":
             result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        elif track:
+            result["peak_mb"] = tracker.peak / 2**20
+        if args.profile:
+            with open(args.profile, "a") as f:
+                f.write(f"\n== {variant} / {impl}: {args.profile_iters} steps ==\n")
+                f.write(profile_table(step, device, args.profile_iters) + "\n")
     return result
 
 
@@ -202,12 +291,17 @@ def bench_propagation(args, variant: str, impl: str, device: torch.device) -> di
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    for _ in range(max(args.warmup, 1)):
+    tracker = LiveTensorBytes()  # CPU: what one forward + backward allocates on top of F and dL/dout
+    with tracker if device.type == "cpu" else contextlib.nullcontext():
+        step()
+    for _ in range(args.warmup - 1):
         step()
     result = {"variant": variant, "impl": impl, "ms_fwd_bwd": time_ms(step, args.iters, device),
               "saved_mb": saved / 2**20}
     if device.type == "cuda":
         result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        result["peak_mb"] = tracker.peak / 2**20
     return result
 
 
@@ -291,7 +385,7 @@ def end_to_end(args) -> dict:
         trainer.train_step(*next(batches))
     sync(device)
     ms = 1e3 * (time.perf_counter() - t0) / args.iters
-    return {"ms_per_iteration": ms, "iterations_per_s": 1e3 / ms, "setup_s": setup,
+    return {"variant": flag_variant(args), "ms_per_iteration": ms, "iterations_per_s": 1e3 / ms, "setup_s": setup,
             "train_images": len(trainer.batches.dataset), "root": str(root)}
 
 
@@ -310,7 +404,7 @@ def _timing_rows(title: str, records: list, key: str, with_fp32: bool) -> list:
     """Table rows: ms, peak and saved memory per (variant, impl), and the speed-up over the reference
     of the same variant (and over the fp32 reference)."""
     ref = {r["variant"]: r[key] for r in records if r["impl"] == "reference" and "error" not in r}
-    lines = [f"{title:<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>7}"
+    lines = [f"{title:<26}{'impl':<11}{'ms':>9}{'peak MB':>10}{'saved MB':>10}{'x ref':>9}"
              + (f"{'x ref fp32':>11}" if with_fp32 else "")]
     for r in records:
         if "error" in r:
@@ -318,15 +412,32 @@ def _timing_rows(title: str, records: list, key: str, with_fp32: bool) -> list:
             continue
         ms, peak = r[key], f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
         lines.append(f"{r['variant']:<26}{r['impl']:<11}{ms:>9.1f}{peak:>10}{r['saved_mb']:>10.1f}"
-                     f"{_ratio(ref.get(r['variant']), ms):>7}"
+                     f"{_ratio(ref.get(r['variant']), ms):>9}"
                      + (f"{_ratio(ref.get('fp32'), ms):>11}" if with_fp32 else ""))
+    return lines
+
+
+def propagation_costs(train: list[dict]) -> list[str]:
+    """Per variant: each implementation's step minus the step without propagation ("none")."""
+    ok = [r for r in train if "error" not in r]
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in ok):
+        ms = {r["impl"]: r["ms_per_step"] for r in ok if r["variant"] == variant}
+        if "none" in ms and len(ms) > 1:
+            costs = ", ".join(f"{impl} {t - ms['none']:.1f}" for impl, t in ms.items() if impl != "none")
+            lines.append(f"propagation inside the {variant} step (ms, step - none at {ms['none']:.1f}): {costs}")
     return lines
 
 
 def table(report: dict) -> str:
     """The summary: training steps, propagation alone, evaluation, end to end."""
     lines = [f"device: {report['device']}  torch {report['torch']}"]
+    tflop = report.get("tflop_per_step")
+    if isinstance(tflop, float):
+        lines.append(f"conv/matmul work: {tflop:.3g} TFLOP per step -> floor "
+                     f"{1e3 * tflop / report['args']['tflops']:.1f} ms at {report['args']['tflops']:g} TFLOP/s")
     lines += _timing_rows("training step", report["train"], "ms_per_step", with_fp32=True)
+    lines += propagation_costs(report["train"])
     lines += _timing_rows("propagation fwd+bwd", report["propagation"], "ms_fwd_bwd", with_fp32=False)
     for e in report["eval"]:
         if "error" in e:
@@ -335,7 +446,11 @@ def table(report: dict) -> str:
             lines.append(f"eval {e['variant']}: {e['images']} images in {e['seconds']:.2f} s "
                          f"({e['ms_per_image']:.1f} ms/image)")
     if "end_to_end" in report:
-        lines.append(f"end to end: {report['end_to_end']}")
+        e = report["end_to_end"]
+        step = next((r["ms_per_step"] for r in report["train"]
+                     if r["variant"] == e["variant"] and r["impl"] == "ours" and "error" not in r), None)
+        lines.append(f"end to end ({e['variant']}, {e['train_images']} training images): {e['ms_per_iteration']:.1f} "
+                     f"ms/iteration" + (f", {100 * step / e['ms_per_iteration']:.0f}% of the bare step rate" if step else ""))
     for impl, best in report["summary"].items():
         line = f"best {impl}: {best['variant']} {best['ms_per_step']:.1f} ms/step"
         if "speedup_vs_reference_fp32" in best:
@@ -369,6 +484,12 @@ def attempt(label: str, fn, *fn_args) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
+def save(report: dict, path: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -388,8 +509,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="default", choices=["default", "foreach", "fused"])
     p.add_argument("--variants", default="", help=f"comma list of variant specs, or 'all' = {ALL_VARIANTS}; "
                                                   "overrides --amp/--channels-last/--compile/--optimizer")
-    p.add_argument("--impls", default="", help="comma list from ours, triton, reference "
-                                               "(default: all three on cuda, ours,reference on cpu)")
+    p.add_argument("--impls", default="", help="comma list from ours, triton, reference, none "
+                                               "(default: ours,triton,reference on cuda, ours,reference on cpu)")
     p.add_argument("--reference-compile", action="store_true", help="also run the reference in compile variants")
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--warmup", type=int, default=5)
@@ -402,6 +523,10 @@ def parse_args(argv=None):
     p.add_argument("--end-to-end", action="store_true",
                    help="also time the training loop's real data path (Trainer batches + step)")
     p.add_argument("--root", default=None, help="prepared dataset for --end-to-end (default: synthetic)")
+    p.add_argument("--profile", default="", help="append torch.profiler's top ops of each training step here")
+    p.add_argument("--profile-iters", type=int, default=3)
+    p.add_argument("--tflops", type=float, default=790.0,
+                   help="matrix rate for the arithmetic floor (default: bf16 measured on an H200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
@@ -428,27 +553,35 @@ def main(argv=None) -> dict:
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
               "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
               "train": [], "propagation": [], "eval": []}
+    work = attempt("conv/matmul FLOPs", step_tflop, args)
+    report["tflop_per_step"] = work.get("tflop_per_step", work.get("error"))
+    if args.profile:
+        Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.profile).write_text(f"device: {device_name}  torch {torch.__version__}\n")
+
+    def measure(section: str, fn, variant: str, *impl: str) -> None:
+        """One measurement into report[section]; the JSON is rewritten after each, so a run cut
+        short by a time limit keeps what it measured."""
+        r = attempt(f"{section} {' / '.join((variant, *impl))}", fn, args, variant, *impl, device)
+        report[section].append({"variant": variant, **({"impl": impl[0]} if impl else {}), **r})
+        print(f"  -> {({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})}", flush=True)
+        free(device)
+        save(report, args.json)
+
     for variant in variants:
         for impl in impls:
             if impl == "reference" and "compile" in variant and not args.reference_compile:
                 continue
-            r = attempt(f"train {variant} / {impl}", bench_train, args, variant, impl, device)
-            report["train"].append({"variant": variant, "impl": impl, **r})
-            free(device)
+            measure("train", bench_train, variant, impl)
             if "compile" not in variant and args.propagation:
-                r = attempt(f"propagation {variant} / {impl}", bench_propagation, args, variant, impl, device)
-                report["propagation"].append({"variant": variant, "impl": impl, **r})
-                free(device)
+                measure("propagation", bench_propagation, variant, impl)
         if args.eval_images > 0:
-            report["eval"].append({"variant": variant, **attempt(f"eval {variant}", bench_eval, args, variant, device)})
-            free(device)
+            measure("eval", bench_eval, variant)
     if args.end_to_end:
         report["end_to_end"] = end_to_end(args)
     report["summary"] = summary(report["train"])
+    save(report, args.json)
     print(table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
     return report
 
 

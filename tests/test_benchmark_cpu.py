@@ -51,5 +51,76 @@ def test_bad_variant_spec_is_rejected():
 
 def test_end_to_end_times_the_training_data_path():
     argv = TINY + ["--variants", "fp32", "--impls", "ours", "--eval-images", "0", "--no-propagation", "--end-to-end"]
-    e2e = benchmark.main(argv)["end_to_end"]
-    assert e2e["iterations_per_s"] > 0 and e2e["train_images"] >= 16
+    report = benchmark.main(argv)
+    e2e = report["end_to_end"]
+    assert e2e["iterations_per_s"] > 0 and e2e["train_images"] >= 16 and e2e["variant"] == "fp32"
+    assert "% of the bare step rate" in benchmark.table(report)  # compared with the fp32 / ours step
+
+
+def test_live_tensor_bytes_counts_storages_until_freed():
+    import torch
+    with benchmark.LiveTensorBytes(base=100) as live:
+        a = torch.ones(1000)              # 4000 bytes
+        view = a[10:]                     # same storage: not counted again
+        b = a * 2                         # 4000
+        assert (live.now, live.peak) == (8100, 8100)
+        del a, b                          # the view keeps a's storage alive
+        assert live.now == 4100
+        del view
+        c = torch.zeros(250, dtype=torch.float64)  # 2000
+        assert (live.now, live.peak) == (2100, 8100)
+        x = torch.randn(100, requires_grad=True)   # 400, plus what backward allocates
+        loss = (x.exp() * c[:100].float()).sum()
+        loss.backward()  # frees the graph's intermediates
+        assert x.grad is not None and live.now == 2100 + 400 + 400 + 4  # x, x.grad, the loss scalar
+    del c
+
+
+def test_propagation_peak_memory_is_a_fifth_of_unfold():
+    # the CPU target, measured as peak live bytes of one forward + backward
+    argv = TINY + ["--variants", "fp32", "--impls", "ours,reference", "--eval-images", "0", "--feat-dim", "32",
+                   "--spatial-size", "48", "--batch-size", "1", "--warmup", "1", "--iters", "1"]
+    args = benchmark.parse_args(argv)
+    import torch
+    peak = {impl: benchmark.bench_propagation(args, "fp32", impl, torch.device("cpu"))["peak_mb"]
+            for impl in ("ours", "reference")}
+    assert 0 < peak["ours"] <= peak["reference"] / 5, peak
+
+
+def test_step_flops_count_forward_and_backward_convolutions():
+    import torch
+    args = benchmark.parse_args(TINY)
+    tflop = benchmark.step_tflop(args)["tflop_per_step"]
+    # forward convolution FLOPs from the layer shapes: 2 * output elements * (in / groups) * kernel area
+    forward = 0
+
+    def count(module, inputs, output):
+        nonlocal forward
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):  # each input element spreads over out/groups maps
+            forward += 2 * inputs[0].numel() * module.out_channels // module.groups * kernel
+        else:
+            forward += 2 * output.numel() * module.in_channels // module.groups * kernel
+
+    model = benchmark.segmentation_net.build_model("gaze_sup", 2, 3, args.features, args.feat_dim)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(count)
+    with benchmark.propagation("none"):
+        model(torch.randn(args.batch_size, 3, args.spatial_size, args.spatial_size))
+    # backward = input grads + weight grads (2x forward), minus the first layer's input grad (the image)
+    first = args.num_levels * 2 * args.batch_size * args.spatial_size ** 2 * args.features[0] * 3 * 9
+    assert tflop * 1e12 == pytest.approx(3 * forward - first, rel=1e-6)
+
+
+def test_leave_one_out_and_profile(tmp_path):
+    prof = tmp_path / "profile.txt"
+    argv = TINY + ["--variants", "fp32", "--impls", "ours,none", "--eval-images", "0", "--no-propagation",
+                   "--profile", str(prof), "--profile-iters", "1"]
+    report = benchmark.main(argv)
+    ms = {r["impl"]: r["ms_per_step"] for r in report["train"]}
+    assert set(ms) == {"ours", "none"}
+    text = prof.read_text()
+    assert "== fp32 / ours: 1 steps ==" in text and "== fp32 / none: 1 steps ==" in text
+    assert "aten::convolution" in text
+    assert "propagation inside the fp32 step" in benchmark.table(report)
