@@ -8,11 +8,13 @@
 The paper's code builds this with unfold(kernel_size=5, dilation=2, padding=4) + einsum,
 which materialises a (B, C*25, H*W) tensor and keeps it for the backward pass. Here a custom
 autograd Function loops over the 25 shifted views of one zero-padded copy of F and saves only
-F and the (B, 25, H, W) correlations; the backward pass recomputes the shifted products.
+F and the (B, 25, H, W) correlations; the backward pass recomputes the shifted products. Offsets
+d and -d see the same pairs, so only 13 of the 25 correlations are dot products over C.
 
 Precision: the correlations, the softmax and all sums are computed in float32 (float64 for
 float64 inputs), whatever the input dtype or autocast state; the output and the gradient come
-back in the input dtype. So bf16/fp16 features (autocast) work and stay cheap to save.
+back in the input dtype. So bf16/fp16 features (autocast) work and stay cheap to save. Attention
+weights below the smallest normal float are flushed to 0 (see `_attention`).
 
 `feature_propagation_triton` computes the same thing with three fused Triton kernels (CUDA; tested
 on CPU through Triton's interpreter, TRITON_INTERPRET=1). It is opt-in until a GPU benchmark has
@@ -52,7 +54,25 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention(corr: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(corr.clamp(min=0), dim=1)
+    """softmax_n(max(corr_n, 0)); weights below the smallest normal float are set to 0. Such a weight
+    cannot change an output above ~1e-31, and denormal arithmetic is several times slower on CPUs
+    (large correlations make most of the 25 weights e^-100 or so)."""
+    attn = torch.softmax(corr.clamp(min=0), dim=1)
+    return attn.masked_fill_(attn < torch.finfo(attn.dtype).tiny, 0)
+
+
+def _from_other_end(maps: torch.Tensor, ns=range(25)) -> torch.Tensor:
+    """Per-pair maps read at the pair's other end: O_n[p] = maps_{24-n}[p + d_n], for n in ns (0 outside).
+    The pair (p, p + d_n) is the pair (p + d_n, p) of the opposite offset 24 - n.
+
+    Args:
+        maps: (B, 25, H, W), channel n for neighbour n.
+    Returns:
+        (B, len(ns), H, W).
+    """
+    H, W = maps.shape[-2:]
+    mp = _pad(maps)
+    return torch.cat([_view(mp[:, 24 - n:25 - n], *NEIGHBOURS[n], H, W) for n in ns], 1)
 
 
 def propagation_forward(feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +87,10 @@ def propagation_forward(feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     fp = _pad(feature.to(_acc_dtype(feature.dtype)))
     f = _view(fp, 0, 0, H, W)  # padded once, in the accumulation dtype; f is its centre
     shifted = [_view(fp, dy, dx, H, W) for dy, dx in NEIGHBOURS]
-    corr = fp.new_empty(B, 25, H, W)
-    for n, s in enumerate(shifted):
-        corr[:, n] = (f * s).sum(1)
+    corr = fp.new_zeros(B, 25, H, W)
+    for n in range(13):  # offsets 0..11 and the centre; 13..24 are the same pairs from the other end
+        corr[:, n] = (f * shifted[n]).sum(1)
+    corr[:, 13:] = _from_other_end(corr, range(13, 25))
     attn = _attention(corr)
     out = torch.zeros_like(feature, dtype=fp.dtype)
     for n, s in enumerate(shifted):
@@ -84,7 +105,9 @@ def propagation_backward(feature: torch.Tensor, corr: torch.Tensor, grad_out: to
     (its side of the dot product), F[q] receives A_n[p] * G[p] (value path) and
     dcorr_n[p] * F[p] (its side of the dot product). The last two are gathered at q from
     p = q - d_n through zero-padded A, dcorr, G and F: outside the image they are zero,
-    which drops the pairs whose p lies in the padding.
+    which drops the pairs whose p lies in the padding. Both dot-product sides multiply a
+    neighbour of F, so they share one pass per offset: F[p] gets
+    (dcorr_n[p] + dcorr_{24-n}[p + d_n]) * F[p + d_n].
 
     Args:
         feature: (B, C, H, W) saved input, any float dtype.
@@ -103,14 +126,12 @@ def propagation_backward(feature: torch.Tensor, corr: torch.Tensor, grad_out: to
     # softmax backward, then clamp(min=0) backward (zero where corr <= 0, as torch.clamp and relu)
     grad_corr = attn * (grad_attn - (attn * grad_attn).sum(1, keepdim=True))
     grad_corr = grad_corr * (corr > 0)
-    ap, cp = _pad(attn), _pad(grad_corr)
+    both = grad_corr + _from_other_end(grad_corr)  # dcorr_n[p] + dcorr_{24-n}[p + d_n]
+    ap = _pad(attn)
     grad = torch.zeros_like(feature, dtype=fp.dtype)
     for n, (dy, dx) in enumerate(NEIGHBOURS):
-        grad.addcmul_(_view(fp, dy, dx, H, W), grad_corr[:, n:n + 1])          # F[p]'s own side
-        a_src = _view(ap[:, n:n + 1], -dy, -dx, H, W)                          # A_n[q - d_n]
-        c_src = _view(cp[:, n:n + 1], -dy, -dx, H, W)                          # dcorr_n[q - d_n]
-        grad.addcmul_(_view(gp, -dy, -dx, H, W), a_src)                        # value path
-        grad.addcmul_(_view(fp, -dy, -dx, H, W), c_src)                        # F[q]'s side
+        grad.addcmul_(_view(fp, dy, dx, H, W), both[:, n:n + 1])                 # dot products
+        grad.addcmul_(_view(gp, -dy, -dx, H, W), _view(ap[:, n:n + 1], -dy, -dx, H, W))  # value path
     return grad.to(feature.dtype)
 
 

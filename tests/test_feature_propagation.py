@@ -47,6 +47,24 @@ def test_matches_unfold_values_and_grads(shape, scale):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
 
 
+def test_denormal_attention_weights_are_flushed_without_changing_the_result():
+    # centre correlations of ~90 put many float32 softmax weights in the denormal range (< 1.18e-38)
+    gen = torch.Generator().manual_seed(3)
+    feature = 1.7 * torch.randn(2, 32, 12, 12, generator=gen)
+    _, corr = fp.propagation_forward(feature)
+    plain = torch.softmax(corr.clamp(min=0), dim=1)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((plain > 0) & (plain < tiny)).any()
+    attn = fp._attention(corr)
+    assert not ((attn > 0) & (attn < tiny)).any()
+    assert torch.equal(attn[plain >= tiny], plain[plain >= tiny])
+    grad_out = torch.randn(feature.shape, generator=gen)
+    out, grad = _value_and_grad(feature_propagation, feature, grad_out)
+    ref_out, ref_grad = _value_and_grad(unfold_propagation, feature.double(), grad_out.double())
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 2, 3, 5), (1, 2, 8, 8), (1, 1, 6, 10)])
 def test_gradcheck(shape):
     feature = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
