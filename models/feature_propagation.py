@@ -88,8 +88,10 @@ def propagation_forward(feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     f = _view(fp, 0, 0, H, W)  # padded once, in the accumulation dtype; f is its centre
     shifted = [_view(fp, dy, dx, H, W) for dy, dx in NEIGHBOURS]
     corr = fp.new_zeros(B, 25, H, W)
+    product = torch.empty_like(f)  # reused: fresh large buffers cost page faults on CPU
     for n in range(13):  # offsets 0..11 and the centre; 13..24 are the same pairs from the other end
-        corr[:, n] = (f * shifted[n]).sum(1)
+        corr[:, n] = torch.mul(f, shifted[n], out=product).sum(1)
+    del product  # before `out` exists: the peak stays one temporary
     corr[:, 13:] = _from_other_end(corr, range(13, 25))
     attn = _attention(corr)
     out = torch.zeros_like(feature, dtype=fp.dtype)
@@ -121,8 +123,10 @@ def propagation_backward(feature: torch.Tensor, corr: torch.Tensor, grad_out: to
     g = _view(gp, 0, 0, H, W)
     attn = _attention(corr)
     grad_attn = torch.empty_like(corr)
+    product = torch.empty_like(g)
     for n, (dy, dx) in enumerate(NEIGHBOURS):
-        grad_attn[:, n] = (g * _view(fp, dy, dx, H, W)).sum(1)
+        grad_attn[:, n] = torch.mul(g, _view(fp, dy, dx, H, W), out=product).sum(1)
+    del product
     # softmax backward, then clamp(min=0) backward (zero where corr <= 0, as torch.clamp and relu)
     grad_corr = attn * (grad_attn - (attn * grad_attn).sum(1, keepdim=True))
     grad_corr = grad_corr * (corr > 0)
