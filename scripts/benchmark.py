@@ -9,8 +9,8 @@ so a step minus the "none" step is what the propagation costs inside the step. E
 (amp / channels_last / compile / optimizer implementation) measures all of them, so their ratios
 come from one run on one card. The propagation alone (forward + backward) is timed too.
 
-Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the peak of live tensor bytes (every
-storage an op allocates, counted until it is freed; no allocator rounding or library workspaces).
+Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the allocator's peak, replayed from
+torch.profiler's allocation events (no allocator rounding or library workspaces, as on a GPU).
 The conv/matmul work per step is counted once on the meta device (FlopCounterMode), giving the
 arithmetic floor at --tflops. `--profile FILE` appends torch.profiler's top kernels of each step.
 
@@ -30,13 +30,10 @@ import statistics
 import sys
 import time
 import traceback
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -139,30 +136,28 @@ def saved_tensor_bytes(model, x: torch.Tensor, amp: bool) -> int:
     return sum(storages.values())
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once while the mode is active: each storage an op
-    returns is counted once, until it is freed. `base` is what was alive before (weights, batch).
-    The CPU stand-in for torch.cuda.max_memory_allocated."""
+class CpuPeakBytes:
+    """Context manager: peak CPU bytes allocated inside it, above `base` (what was alive before), replayed
+    from torch.profiler's allocation events (allocator level, exact). The CPU stand-in for
+    torch.cuda.max_memory_allocated."""
 
     def __init__(self, base: int = 0):
-        super().__init__()
-        self.now = self.peak = base
-        self._live: dict[int, int] = {}
+        self.base = self.peak = base
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
-    def _free(self, key: int) -> None:
-        self.now -= self._live.pop(key)
+    def __enter__(self):
+        self._prof.__enter__()
+        return self
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if id(storage) not in self._live:
-                    self._live[id(storage)] = storage.nbytes()
-                    self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(storage, self._free, id(storage))
-        return out
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = self.base
+        for _, nbytes in events:  # negative for frees
+            live += nbytes
+            self.peak = max(self.peak, live)
+        return False
 
 
 def storage_bytes(*tensors: torch.Tensor) -> int:
@@ -242,9 +237,9 @@ def bench_train(args, variant: str, impl: str, device: torch.device) -> dict:
             optimizer.zero_grad(set_to_none=True)
             return loss
 
-        # on CPU the live-bytes tracker watches the first two steps (the second has optimizer state)
+        # on CPU the allocator is watched over the first two steps (the second has optimizer state)
         track = device.type == "cpu" and "compile" not in tokens
-        tracker = LiveTensorBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks))
+        tracker = CpuPeakBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with tracker if track else contextlib.nullcontext():
@@ -291,7 +286,7 @@ def bench_propagation(args, variant: str, impl: str, device: torch.device) -> di
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    tracker = LiveTensorBytes()  # CPU: what one forward + backward allocates on top of F and dL/dout
+    tracker = CpuPeakBytes()  # CPU: what one forward + backward allocates on top of F and dL/dout
     with tracker if device.type == "cpu" else contextlib.nullcontext():
         step()
     for _ in range(args.warmup - 1):

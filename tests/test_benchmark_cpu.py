@@ -57,34 +57,21 @@ def test_end_to_end_times_the_training_data_path():
     assert "% of the bare step rate" in benchmark.table(report)  # compared with the fp32 / ours step
 
 
-def test_live_tensor_bytes_counts_storages_until_freed():
+def test_cpu_peak_bytes_replays_the_allocator():
     import torch
-    with benchmark.LiveTensorBytes(base=100) as live:
-        a = torch.ones(1000)              # 4000 bytes
-        view = a[10:]                     # same storage: not counted again
-        b = a * 2                         # 4000
-        assert (live.now, live.peak) == (8100, 8100)
-        del a, b                          # the view keeps a's storage alive
-        assert live.now == 4100
-        del view
-        c = torch.zeros(250, dtype=torch.float64)  # 2000
-        assert (live.now, live.peak) == (2100, 8100)
-        x = torch.randn(100, requires_grad=True)   # 400, plus what backward allocates
-        loss = (x.exp() * c[:100].float()).sum()
-        loss.backward()  # frees the graph's intermediates
-        assert x.grad is not None and live.now == 2100 + 400 + 400 + 4  # x, x.grad, the loss scalar
-    del c
-
-
-def test_propagation_peak_memory_is_a_fifth_of_unfold():
-    # the CPU target, measured as peak live bytes of one forward + backward
-    argv = TINY + ["--variants", "fp32", "--impls", "ours,reference", "--eval-images", "0", "--feat-dim", "32",
-                   "--spatial-size", "48", "--batch-size", "1", "--warmup", "1", "--iters", "1"]
-    args = benchmark.parse_args(argv)
-    import torch
-    peak = {impl: benchmark.bench_propagation(args, "fp32", impl, torch.device("cpu"))["peak_mb"]
-            for impl in ("ours", "reference")}
-    assert 0 < peak["ours"] <= peak["reference"] / 5, peak
+    with benchmark.CpuPeakBytes(base=100) as memory:
+        a = torch.ones(1000)                        # 4000 bytes
+        view = a[10:]                               # no allocation
+        b = torch.mul(a, a)                         # 4000: the peak, 8000 above the start
+        del a, b
+        c = torch.zeros(250, dtype=torch.float64)   # 2000, while view keeps a's 4000 alive
+        x = torch.randn(100, requires_grad=True)    # 400
+        (x.exp() * c[:100].float()).sum().backward()  # small transients and x.grad
+    assert memory.peak == 100 + 8000, memory.peak
+    del view
+    with benchmark.CpuPeakBytes() as memory:
+        torch.empty(3, 1000)
+    assert memory.peak == 12000
 
 
 def test_step_flops_count_forward_and_backward_convolutions():
