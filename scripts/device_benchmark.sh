@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurement in one device call (about 6-8 minutes on an H100/H200):
+# Issue 7's GPU measurement in one device call (at most 9 minutes: EAGER_S=240 + COMPILE_S=300 s):
 #   1. eager variants: ours / triton / reference / none (leave-one-out) per variant, the propagation
 #      alone, 120-image evaluation, a profile of every step;
 #   2. the compiled step (ours and none; the reference in fp32 for the ratio) and the real training
