@@ -163,8 +163,8 @@ class Trainer:
         if dist_ctx.enabled:  # `head` is in the state dict but unused in forward
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-        if args.compile:
-            self.net = torch.compile(self.net)
+        if args.compile:  # static shapes: a partial last batch gets its own graph, not a dynamic one for all
+            self.net = torch.compile(self.net, dynamic=False)
         # small CPU collectives (stop requests, loss checks, logged means) go through gloo: no GPU sync
         self.cpu_group = None
         if dist_ctx.enabled:
