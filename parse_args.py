@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="float16 autocast with a gradient scaler (same as --amp fp16)")
     g.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="autocast precision")
     g.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-identical CPU reruns)")
 
     g = p.add_argument_group("logging")
