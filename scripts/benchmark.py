@@ -239,10 +239,11 @@ def bench_train(args, variant: str, impl: str, device: torch.device) -> dict:
 
         # on CPU the allocator is watched over the first two steps (the second has optimizer state)
         track = device.type == "cpu" and "compile" not in tokens
-        tracker = CpuPeakBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks))
+        tracker = (CpuPeakBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks)) if track
+                   else contextlib.nullcontext())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with tracker if track else contextlib.nullcontext():
+        with tracker:
             t0 = time.perf_counter()
             first_loss = step().item()  # equal across impls (same weights and batch): a sanity check
             first_step_s = time.perf_counter() - t0
@@ -286,8 +287,9 @@ def bench_propagation(args, variant: str, impl: str, device: torch.device) -> di
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    tracker = CpuPeakBytes()  # CPU: what one forward + backward allocates on top of F and dL/dout
-    with tracker if device.type == "cpu" else contextlib.nullcontext():
+    # CPU: what one forward + backward allocates on top of F and dL/dout
+    tracker = CpuPeakBytes() if device.type == "cpu" else contextlib.nullcontext()
+    with tracker:
         step()
     for _ in range(args.warmup - 1):
         step()

@@ -1,14 +1,9 @@
 """scripts/benchmark.py runs end to end on CPU at a tiny size and writes the expected JSON."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "benchmark", Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py")
-benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark)
+import scripts.benchmark as benchmark
 
 TINY = ["--device", "cpu", "--spatial-size", "32", "--batch-size", "2", "--features", "4,4,8,8,16,4",
         "--feat-dim", "4", "--warmup", "1", "--iters", "1", "--eval-images", "2", "--eval-size", "32",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.feature_propagation import feature_propagation, feature_propagation_triton
+from scripts.benchmark import CpuPeakBytes  # replays the profiler's allocation events
 
 fp = importlib.import_module("models.feature_propagation")  # the package re-exports a function of that name
 
@@ -168,18 +169,11 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def _cpu_peak_bytes(fn, feature: torch.Tensor, grad_out: torch.Tensor) -> int:
-    """Peak bytes allocated on top of the start during forward + backward, replayed from the
-    profiler's CPU allocation events (exact and repeatable, unlike RSS)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    """Peak bytes allocated on top of the start during forward + backward (allocator level, exact)."""
+    with CpuPeakBytes() as memory:
         fn(feature).backward(grad_out)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    assert events, "the profiler recorded no allocations"
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    assert memory.peak > 0, "the profiler recorded no allocations"
+    return memory.peak
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
