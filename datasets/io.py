@@ -4,8 +4,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A user-fixable problem with input data (missing or unreadable file, bad size...)."""
 
 

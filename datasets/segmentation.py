@@ -1,78 +1,33 @@
 """Training and test data for Kvasir-SEG and NCI-ISBI in the paper's prepared layout.
 
 ROOT/images/<id>.{jpg|dcm}, ROOT/masks/<id>.{jpg|png}, ROOT/gaze/<gaze_dir>/<id>.{jpg|png},
-ROOT/<split>.txt. One dataset class serves both: everything dataset-specific lives in `DATA_SPECS`.
+ROOT/<split>.txt. One dataset class serves every dataset: what differs lives in its spec (common.dataspec).
 """
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.dataspec import DataSpec, load_spec
 from datasets.io import DataError, image_size, read_gray, read_ids, read_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+def data_spec(data) -> DataSpec:
+    """The dataset spec of --data (a built-in name, a spec file path, or a DataSpec)."""
+    return load_spec(data)
 
 
-def normalize_rgb(image: np.ndarray) -> np.ndarray:
-    """Kvasir: per channel (x/255 - mean) / std, ImageNet statistics. (H, W, 3) uint8 -> (3, H, W)."""
-    x = image.astype(np.float32) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return x.transpose(2, 0, 1)
+def level_thresholds(data, num_levels: int, override: Optional[Sequence[float]] = None) -> List[float]:
+    """The spec's hierarchical thresholds for `num_levels` levels, or `override` (--thresholds)."""
+    return data_spec(data).level_thresholds(num_levels, override)
 
 
-def normalize_per_image(image: np.ndarray) -> np.ndarray:
-    """Prostate: (x - mean) / std over all pixels (std 0 -> 1). (H, W) -> (1, H, W)."""
-    x = image.astype(np.float32)
-    std = float(x.std())
-    return ((x - x.mean()) / (std if std > 0 else 1.0))[None]
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    image_ext: str
-    mask_ext: str
-    gaze_ext: str
-    in_channels: int
-    normalize: Callable[[np.ndarray], np.ndarray]
-    thresholds: dict  # num_levels -> the paper's thresholds
-
-
-DATA_SPECS = {
-    "kvasir": DataSpec(".jpg", ".jpg", ".jpg", 3, normalize_rgb, {
-        1: [0.5], 2: [0.5, 0.3], 3: [0.5, 0.3, 0.4], 4: [0.5, 0.3, 0.367, 0.433],
-        5: [0.5, 0.3, 0.35, 0.4, 0.45]}),
-    "prostate": DataSpec(".dcm", ".png", ".png", 1, normalize_per_image, {2: [0.2, 0.4]}),
-}
-
-
-def data_spec(data: str) -> DataSpec:
-    if data not in DATA_SPECS:
-        raise DataError(f"unknown --data {data!r}; choose one of {sorted(DATA_SPECS)}")
-    return DATA_SPECS[data]
-
-
-def level_thresholds(data: str, num_levels: int, override: Optional[Sequence[float]] = None) -> List[float]:
-    """The paper's hierarchical thresholds for `num_levels` levels, or `override` (--thresholds)."""
-    if override:
-        if len(override) != num_levels:
-            raise DataError(f"--thresholds has {len(override)} values but --num_levels is {num_levels}")
-        return [float(t) for t in override]
-    table = data_spec(data).thresholds
-    if num_levels not in table:
-        raise DataError(f"no paper thresholds for --data {data} with {num_levels} levels "
-                        f"(known: {sorted(table)}); pass --thresholds")
-    return table[num_levels]
-
-
-def normalized_image(image: np.ndarray, data: str, path) -> torch.Tensor:
+def normalized_image(image: np.ndarray, data, path) -> torch.Tensor:
     """An image as read from `path`, normalised for the network: (C, H, W) float32."""
     spec, channels = data_spec(data), 3 if image.ndim == 3 else 1
     if channels != spec.in_channels:
-        raise DataError(f"{path} has {channels} channel(s) but --data {data} expects {spec.in_channels}")
+        raise DataError(f"{path} has {channels} channel(s) but --data {spec.name} expects {spec.in_channels}")
     return torch.from_numpy(np.ascontiguousarray(spec.normalize(image)))
 
 

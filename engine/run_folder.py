@@ -1,8 +1,6 @@
 """The run folder: EXP/<seed>/<data>/<run_id>_<timestamp>/ with log.txt, config.yaml, metrics.json,
 losses.csv, TensorBoard events and checkpoints. Nothing here is ever overwritten by a new run."""
-import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -10,10 +8,13 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import UserError
+from common.files import write_json  # noqa: F401  (re-exported for the engine)
+
 MIN_FREE_BYTES = 2 * 1024 ** 3
 
 
-class RunError(RuntimeError):
+class RunError(UserError):
     """A problem with the run itself (unwritable folder, full disk, diverged loss...)."""
 
 
@@ -86,22 +87,6 @@ def setup_logger(run_dir: Path, quiet: bool = False, rank: int = 0) -> logging.L
 
 def save_config(args, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2))
-    tmp.replace(path)
 
 
 def write_rows_csv(path: Path, rows: list) -> None:

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import torch
 
-from datasets.segmentation import IMAGENET_MEAN, IMAGENET_STD
+from common.contours import draw_contours
+from common.dataspec import IMAGENET_MEAN, IMAGENET_STD
 
 PRED_COLOR = (0, 255, 0)
 REF_COLOR = (255, 0, 0)
@@ -43,20 +44,6 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 def contour_thickness(shape: Sequence[int]) -> int:
     """1 px up to ~300 px images, thicker on large ones so the outline stays visible when zoomed out."""
     return max(1, round(min(shape[:2]) / 300))
-
-
-def draw_contours(image: np.ndarray, mask: np.ndarray, color: Tuple[int, int, int], thickness: int = 1) -> np.ndarray:
-    """A copy of `image` (H, W, 3) uint8 with the boundaries of `mask` (H, W, nonzero = inside) drawn.
-
-    Every boundary is drawn (outer ones and those of holes); the pixels drawn lie on the mask's own
-    border, so the outline marks exactly where the mask ends.
-    """
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"draw_contours: mask {mask.shape} and image {image.shape[:2]} differ in size")
-    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
-    cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), thickness)
-    return out
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray = None, thickness: int = None) -> np.ndarray:

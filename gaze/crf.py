@@ -10,7 +10,7 @@ Backends: "pydensecrf" (the C++ code of Kraehenbuehl & Koltun via the pydensecrf
 import numpy as np
 
 BACKENDS = ("pydensecrf", "torch")
-PAPER = dict(sxy=80.0, srgb=13.0, compat=1.0, n_iter=10)
+PAPER = dict(sxy=80.0, srgb=13.0, compat=1.0, n_iter=10)  # the paper's settings (also in configs/data/*.yaml)
 
 
 def check_inputs(image: np.ndarray, prob: np.ndarray) -> None:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
+
 REQUIRED = ("IMAGE", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION", "IMAGE_HEIGHT", "IMAGE_WIDTH")
 
 
-class FixationError(ValueError):
+class FixationError(UserError):
     """A problem in a fixation CSV; the message names the file, the line and the value."""
 
 

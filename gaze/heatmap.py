@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 
 CANVAS = 768
-SIGMA = {"kvasir": 70.0, "prostate": 50.0}
 
 
 def gaussian_kernel1d(sigma: float, radius: int) -> np.ndarray:
@@ -122,21 +121,22 @@ def minmax(h: np.ndarray) -> np.ndarray:
     return (h - lo) / (hi - lo)
 
 
-def heatmap_f32(fixations: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
+def heatmap_f32(fixations: np.ndarray, height: int, width: int, sigma: float, canvas: int = CANVAS) -> np.ndarray:
     """Steps 1-4: the resized float32 map, before the float16 cast."""
-    h = minmax(blur_fixations(fixations, sigma))
+    h = minmax(blur_fixations(fixations, sigma, canvas))
     return cv2.resize(h, (int(width), int(height)), interpolation=cv2.INTER_CUBIC)
 
 
-def gaze_heatmap(fixations: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
+def gaze_heatmap(fixations: np.ndarray, height: int, width: int, sigma: float, canvas: int = CANVAS) -> np.ndarray:
     """The paper's gaze heatmap of one image, float16 (height, width) in [0, 1] (up to bicubic overshoot).
 
     Args:
         fixations: (K, 3) array of x, y (normalised to [0, 1]) and duration (> 0).
         height, width: original image size.
-        sigma: gaussian std on the 768 x 768 canvas (70 for Kvasir, 50 for prostate).
+        sigma: gaussian std on the canvas (70 for Kvasir, 50 for prostate: the dataset spec's heatmap.sigma).
+        canvas: side of the square canvas (768 in the paper).
     """
-    return heatmap_f32(fixations, height, width, sigma).astype(np.float16)
+    return heatmap_f32(fixations, height, width, sigma, canvas).astype(np.float16)
 
 
 def round_half(x: np.ndarray) -> np.ndarray:

@@ -28,27 +28,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets.io import DataError, dicom_to_uint8_rgb, read_dicom, read_gray, read_image
-from datasets.segmentation import DATA_SPECS
-from engine.run_folder import write_json
+from common.dataspec import DataSpec, load_spec
+from common.files import write_json
 from gaze import crf as crf_mod
 from gaze import report as rep
 from gaze.fixations import read_fixations
-from gaze.heatmap import SIGMA, heatmap_f32, to_uint8
+from gaze.heatmap import heatmap_f32, to_uint8
 
 STEPS = ("heatmap", "crf")
 CRF_DIR = "crf_compat1"
-
-
-@dataclass(frozen=True)
-class Layout:
-    image_ext: str
-    mask_ext: str
-    map_ext: str
-    sigma: float
-
-
-# file layouts as the training data reads them (datasets.segmentation), plus each dataset's blur
-DATA = {name: Layout(spec.image_ext, spec.mask_ext, spec.gaze_ext, SIGMA[name]) for name, spec in DATA_SPECS.items()}
 
 
 @dataclass(frozen=True)
@@ -59,6 +47,8 @@ class Job:
     height: int
     width: int
     sigma: float
+    canvas: int
+    crf_params: Optional[dict]  # the spec's CRF parameters (None: no CRF step)
     image: Path
     mask: Path
     heatmap: Path
@@ -96,7 +86,7 @@ def heatmap_task(job: Job) -> float:
     """Compute and save one heatmap; returns seconds spent."""
     t = time.perf_counter()
     # save_map's to_uint8 does the float16 step (faster than casting here)
-    save_map(job.heatmap, heatmap_f32(job.fixations, job.height, job.width, job.sigma))
+    save_map(job.heatmap, heatmap_f32(job.fixations, job.height, job.width, job.sigma, job.canvas))
     return time.perf_counter() - t
 
 
@@ -113,7 +103,7 @@ def crf_task(job: Job, backend: str = "pydensecrf", device: str = "cpu") -> floa
     """CRF-refine one saved heatmap and save the result; returns seconds spent."""
     t = time.perf_counter()
     image, prob = crf_inputs(job)
-    save_map(job.crf, crf_mod.refine(image, prob, backend, device, **crf_mod.PAPER))
+    save_map(job.crf, crf_mod.refine(image, prob, backend, device, **job.crf_params))
     return time.perf_counter() - t
 
 
@@ -172,7 +162,7 @@ def _crf_torch(jobs: list, device: str, threads: int, batch: int, quiet: bool) -
             if k + 1 < len(chunks):
                 nxt = io.map(crf_inputs, chunks[k + 1])
             images, probs = [a for a, _ in inputs], [b for _, b in inputs]
-            maps = crf_mod.refine_batch(images, probs, "torch", device, **crf_mod.PAPER)
+            maps = crf_mod.refine_batch(images, probs, "torch", device, **chunk[0].crf_params)
             saves += [io.submit(save_map, j.crf, m) for j, m in zip(chunk, maps)]
             bar.update(len(chunk))
         for s in saves:
@@ -182,9 +172,9 @@ def _crf_torch(jobs: list, device: str, threads: int, batch: int, quiet: bool) -
 
 # ----------------------------------------------------------------------------- the command
 
-def make_jobs(csv_path, root, data: str, out_dir, ids: Optional[Sequence[str]] = None) -> list:
+def make_jobs(csv_path, root, data, out_dir, ids: Optional[Sequence[str]] = None) -> list:
     """One Job per image id of the CSV (or of `ids`, which must all be in the CSV), sorted by id."""
-    layout = DATA[data]
+    spec = load_spec(data)
     root, out_dir = Path(root), Path(out_dir)
     fix = read_fixations(csv_path)
     if ids is not None:
@@ -192,9 +182,11 @@ def make_jobs(csv_path, root, data: str, out_dir, ids: Optional[Sequence[str]] =
         if unknown:
             raise DataError(f"{len(unknown)} requested id(s) have no fixations in {csv_path}: {unknown[:5]}")
         fix = {i: fix[i] for i in ids}
-    return [Job(id=i, fixations=f.fixations, height=f.height, width=f.width, sigma=layout.sigma,
-                image=root / "images" / f"{i}{layout.image_ext}", mask=root / "masks" / f"{i}{layout.mask_ext}",
-                heatmap=out_dir / "heatmap" / f"{i}{layout.map_ext}", crf=out_dir / CRF_DIR / f"{i}{layout.map_ext}")
+    ext = spec.gaze_ext
+    return [Job(id=i, fixations=f.fixations, height=f.height, width=f.width, sigma=spec.heatmap_sigma,
+                canvas=spec.heatmap_canvas, crf_params=spec.crf,
+                image=root / "images" / f"{i}{spec.image_ext}", mask=root / "masks" / f"{i}{spec.mask_ext}",
+                heatmap=out_dir / "heatmap" / f"{i}{ext}", crf=out_dir / CRF_DIR / f"{i}{ext}")
             for i, f in sorted(fix.items())]
 
 
@@ -225,8 +217,7 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
         wall times per phase ("time_s") and paths. Also written to OUT/report.json.
     """
     t0 = time.perf_counter()
-    if data not in DATA:
-        raise ValueError(f"unknown data {data!r}; choose one of {sorted(DATA)}")
+    spec: DataSpec = load_spec(data)
     steps = tuple(steps)
     bad = [s for s in steps if s not in STEPS]
     if bad or not steps:
@@ -241,19 +232,18 @@ def make_gaze_maps(csv_path, root, data: str, out_dir=None, steps: Sequence[str]
         raise ValueError(f"workers must be >= 0; got {workers}")
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else root / "gaze"
-    layout = DATA[data]
 
     jobs = make_jobs(csv_path, root, data, out_dir, ids)
     for sub in ("heatmap", CRF_DIR) if "crf" in steps else ("heatmap",):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    result = {"data": data, "csv": str(csv_path), "root": str(root), "out_dir": str(out_dir), "n_ids": len(jobs),
+    result = {"data": spec.name, "csv": str(csv_path), "root": str(root), "out_dir": str(out_dir), "n_ids": len(jobs),
               "steps": list(steps), "crf_backend": crf_backend, "device": device, "workers": workers,
               "written": {}, "skipped": {}, "missing_images": [], "missing_masks": [],
               "images_without_fixations": [], "time_s": {}}
     known = {j.id for j in jobs}
     if (root / "images").is_dir() and ids is None:
         result["images_without_fixations"] = sorted(
-            p.stem for p in (root / "images").glob(f"*{layout.image_ext}") if p.stem not in known)
+            p.stem for p in (root / "images").glob(f"*{spec.image_ext}") if p.stem not in known)
 
     todo_h = [j for j in jobs if overwrite or not j.heatmap.is_file()] if "heatmap" in steps else []
     todo_c = []

@@ -9,7 +9,7 @@ Maps and masks are read back from their files, i.e. what training will see.
 import cv2
 import numpy as np
 
-from engine.visualize import draw_contours
+from common.contours import draw_contours
 
 
 def dice(pred: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> float:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from common.errors import UserError
+
 _SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
 NUMPY_FLOAT64_GLOBALS = [
     (_SCALAR, "numpy._core.multiarray.scalar"),
@@ -24,7 +26,7 @@ NUMPY_FLOAT64_GLOBALS = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be read safely (corrupt, or holding disallowed objects)."""
 
 

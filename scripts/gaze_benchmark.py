@@ -17,7 +17,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gaze.heatmap import SIGMA, fixation_canvas, heatmap_f32, minmax, to_uint8  # noqa: E402
+from common.dataspec import builtin_specs, load_spec  # noqa: E402
+from gaze.heatmap import fixation_canvas, heatmap_f32, minmax, to_uint8  # noqa: E402
 
 
 def direct_heatmap(f, h, w, sigma):
@@ -46,11 +47,11 @@ def synthetic(n: int, seed: int = 0) -> list:
 
 def real(csv, root, data: str, n: int) -> list:
     from gaze.fixations import read_fixations
-    from gaze.pipeline import DATA, load_crf_image
+    from gaze.pipeline import load_crf_image
     fix = read_fixations(csv)
     out = []
     for iid, fs in sorted(fix.items()):
-        path = Path(root) / "images" / f"{iid}{DATA[data].image_ext}"
+        path = Path(root) / "images" / f"{iid}{load_spec(data).image_ext}"
         if path.is_file():
             out.append((load_crf_image(path), fs.fixations, fs.height, fs.width))
         if len(out) == n:
@@ -66,7 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv")
     p.add_argument("--root")
-    p.add_argument("--data", default="kvasir", choices=list(SIGMA))
+    p.add_argument("--data", default="kvasir", choices=builtin_specs())
     p.add_argument("--synthetic", action="store_true", help="generated Kvasir-like images instead of --csv/--root")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--direct", type=int, default=3, help="images for the (slow) direct scipy heatmap")
@@ -75,7 +76,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     a = p.parse_args()
     samples = synthetic(a.n) if a.synthetic else real(a.csv, a.root, a.data, a.n)
-    sigma = SIGMA[a.data]
+    sigma = load_spec(a.data).heatmap_sigma
     print(f"{len(samples)} images, mean size {np.mean([s[2] * s[3] for s in samples]) / 1e3:.0f} kpx")
 
     t = time.perf_counter()

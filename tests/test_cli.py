@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import run
-from datasets.io import DataError
+from common.errors import UserError
 from parse_args import parse_args
 
 PAPER_LINE = ("-m gaze_sup --data kvasir --model unet -bs 8 --exp_path EXP --root ROOT --spatial_size 224 "
@@ -136,7 +136,7 @@ def test_bad_input_fails_before_training_naming_the_path(kvasir_root, tmp_path, 
     elif case == "corrupt_image":
         (root / "images" / f"{first}.jpg").write_bytes(b"not a jpeg at all")
         expect = f"{first}.jpg"
-    with pytest.raises(DataError, match=expect.replace(".", r"\.")):
+    with pytest.raises(UserError, match=expect.replace(".", r"\.")):
         run.main(["--root", str(root), "--exp_path", str(tmp_path / "exp"), *TINY, "--max_ite", "2", *extra])
     assert not list((tmp_path / "exp").rglob("*.pth"))
 

@@ -178,7 +178,7 @@ def test_image_size_disagreeing_with_csv_names_the_file(tmp_path, workers):
 
 def test_bad_arguments(tmp_path):
     root, csv, _ = make_root(tmp_path, "kvasir", seed=7)
-    for kw, match in ((dict(data="ct"), "unknown data"), (dict(steps=["blur"]), "steps"),
+    for kw, match in ((dict(data="ct"), "unknown --data"), (dict(steps=["blur"]), "steps"),
                       (dict(crf_backend="x"), "backend"), (dict(device="cuda"), "CPU only"),
                       (dict(ids=["img_a", "zzz"]), "zzz")):
         args = dict(csv_path=csv, root=root, data="kvasir", out_dir=tmp_path / "o", workers=1, quiet=True) | kw

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 import run
-from datasets.segmentation import normalize_rgb
+from common.dataspec import load_spec
 from engine.predict import infer_model_args, main as predict_main
 from engine.visualize import PRED_COLOR, denormalize, draw_contours
 from models.checkpoint import save_checkpoint
@@ -67,7 +67,7 @@ def test_overlay_outlines_exactly_the_mask_border():
 
 def test_denormalize_inverts_the_kvasir_normalisation():
     image = np.random.RandomState(0).randint(0, 256, (20, 30, 3)).astype(np.uint8)
-    back = denormalize(torch.from_numpy(normalize_rgb(image)))
+    back = denormalize(torch.from_numpy(load_spec("kvasir").normalize(image)))
     assert back.dtype == np.uint8 and np.abs(back.astype(int) - image).max() <= 1
 
 
