@@ -201,9 +201,20 @@ def test_geometry_mismatch_is_reported_and_skipped(tcia, tmp_path, capsys):
     result = prepare_nci_isbi(labels, tmp_path / "out", dicom=tcia["dicom"])
     assert "Prostate3T-01-0001" in result["skipped"] and result["train"] == []
     assert len(result["geometry"]) == g["n"] and "geometry mismatch" in result["skipped"]["Prostate3T-01-0001"]
-    assert "geometry mismatch" in capsys.readouterr().err
+    assert capsys.readouterr() == ("", "")  # the function reports nothing itself: the CLI does, once
     kept = prepare_nci_isbi(labels, tmp_path / "kept", dicom=tcia["dicom"], ignore_geometry=True)
     assert kept["skipped"] == {} and len(kept["geometry"]) == g["n"] and kept["train"]
+    assert len(kept["kept_despite"]["Prostate3T-01-0001"]) == g["n"]
+    args = ["nci-isbi", "--labels", str(labels), "--dicom", str(tcia["dicom"]), "--out", str(tmp_path / "cli")]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    both = printed.out + printed.err
+    assert both.count("Prostate3T-01-0001") == 1  # skipped: one line, not a warning and a summary
+    assert "skipped Prostate3T-01-0001: series" in printed.out and "geometry mismatch" in printed.out
+    assert main(args + ["--ignore-geometry"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.count("Prostate3T-01-0001") == 1 and "kept (--ignore-geometry)" in printed.err
+    assert f"(+{g['n'] - 1} more)" in printed.err
 
 
 def test_duplicate_instance_number_skips_the_case(tcia, tmp_path):
