@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.io import DataError
+from datasets.io import DataError, decoded_size
 from datasets.util import make_out_dir, write_list
 
 ANGLE_TOL = 1e-3   # 1 - cos(angle) between NRRD and DICOM axes: about 2.6 degrees
@@ -283,6 +283,9 @@ def prepare_nci_isbi(labels, out, dicom=None, test_labels=(), masks_only: bool =
             if reasons:
                 result["kept_despite"][case] = reasons
         split = "test" if case in test_cases else "train"
+        if not masks_only:  # decode every slice that will be used: a truncated file fails here, naming it
+            for k in nonempty_slices(volume):
+                decoded_size(by_k[k][0])
         for k in nonempty_slices(volume):
             sid = f"{case}_{k}"
             Image.fromarray(slice_mask(volume, k)).save(out / "masks" / f"{sid}.png")

@@ -1,5 +1,6 @@
 """python -m datasets.prepare nci-isbi: synthetic TCIA-like trees (pydicom + pynrrd) and the real labels."""
 import csv
+import shutil
 from pathlib import Path
 
 import nrrd
@@ -349,3 +350,19 @@ def test_real_dicom_samples_load_through_the_prostate_dataset(real_masks, nci_is
         label, _ = nrrd.read(str(nci_isbi_dir / "labels" / "nrrd3T" / f"{case}.nrrd"))
         assert item["id"] == sid and item["image"].shape == (1, 64, 64)
         np.testing.assert_array_equal(item["mask"][0].numpy() * 255, expected_mask(label, int(k)))
+
+
+def test_truncated_dicom_fails_at_prepare_time(tcia, tmp_path, capsys):
+    """Every DICOM slice that will be used is decoded: a file cut short fails here, naming it (not in training)."""
+    case = "ProstateDx-01-0002"
+    labels, dicom = tmp_path / "labels", tmp_path / "dicom"
+    labels.mkdir()
+    shutil.copy(next(tcia["labels"].rglob(f"{case}*.nrrd")), labels)
+    shutil.copytree(tcia["dicom"] / case, dicom / case)
+    broken = dicom / case / tcia["files"][case][2].relative_to(tcia["dicom"] / case)  # slice 2 is labelled
+    broken.write_bytes(broken.read_bytes()[:-10])
+    args = ["nci-isbi", "--labels", str(labels), "--dicom", str(dicom), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot read DICOM {broken}")
+    assert not (tmp_path / "out" / "train.txt").exists()
