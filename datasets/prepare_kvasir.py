@@ -52,7 +52,7 @@ def scan_kvasir(src, workers: int = 0) -> list:
     both = sorted(images.keys() & masks.keys())
     sizes = _sizes([images[i] for i in both] + [masks[i] for i in both], workers or os.cpu_count() or 1)
     problems += [str(e) for e in sizes if isinstance(e, DataError)]
-    for i, si, sm in zip(both, sizes[:len(both)], sizes[len(both):]):
+    for i, si, sm in zip(both, sizes[:len(both)], sizes[len(both):], strict=True):
         if isinstance(si, DataError) or isinstance(sm, DataError):
             continue
         if si != sm:

@@ -77,7 +77,8 @@ def nrrd_header(g, corner=False) -> dict:
 def write_label(path: Path, g, rng, n=None, corner=False, empty=(1,)) -> np.ndarray:
     """A random 0/1/2 label volume (cols, rows, n) with the slices in EMPTY (1-based) all zero."""
     n = g["n"] if n is None else n
-    label = (rng.random((g["cols"], g["rows"], n)) < 0.3).astype(np.uint8) * rng.integers(1, 3, (g["cols"], g["rows"], n), dtype=np.uint8)
+    shape = (g["cols"], g["rows"], n)
+    label = (rng.random(shape) < 0.3).astype(np.uint8) * rng.integers(1, 3, shape, dtype=np.uint8)
     for k in empty:
         label[:, :, k - 1] = 0
     header = nrrd_header(dict(g, n=n), corner)
@@ -318,7 +319,8 @@ def test_real_labels_give_805_slices_and_the_789_of_the_gaze_csv(real_masks, gaz
             assert (im.height, im.width) == sizes[sid], sid
 
 
-@pytest.mark.parametrize("case, k, folder", [("Prostate3T-01-0001", 13, "nrrd3T"), ("Prostate3T-01-0002", 16, "nrrd3T")])
+@pytest.mark.parametrize("case, k, folder",
+                         [("Prostate3T-01-0001", 13, "nrrd3T"), ("Prostate3T-01-0002", 16, "nrrd3T")])
 def test_real_dicom_samples_pair_with_their_masks(real_masks, nci_isbi_dir, case, k, folder):
     out, _ = real_masks
     path = nci_isbi_dir / "dicom-samples" / f"{case}_{k}.dcm"
