@@ -5,9 +5,10 @@ maps, test images with their masks (real files, copied: links would not travel),
     python -m gaze --csv kvasir_fixation.csv --root data/kvasir --data kvasir
     python scripts/prepare_kvasir_compact.py --root data/kvasir --out .data/kvasir [--gaze_dir crf_compat1]
 
-Why not `datasets.prepare --copy`: that copies every image, every mask and (after `python -m gaze`) every gaze
-folder: about 75 MiB for Kvasir-SEG, over the 64 MiB a device session carries; the compact copy holds only
-what training and testing read (about 50 MiB). Nothing here may be committed: .data/ is git-ignored.
+Why not `datasets.prepare --copy`: that copies every image and every mask (55 MiB for Kvasir-SEG), and `python
+-m gaze` adds its heatmap and CRF folders beside them: over the 64 MiB a device session carries. The compact copy
+holds only what training and testing read: 44.5 MiB for Kvasir-SEG with one gaze folder (measured with the box
+maps). Nothing here may be committed: .data/ is git-ignored.
 """
 import argparse
 import shutil
