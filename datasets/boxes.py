@@ -20,7 +20,6 @@ box+CRF map is the box with its corners carved off along colour edges. Outside a
 Train on either with `--gaze_dir box --num_levels 1` (threshold 0.5).
 """
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -148,16 +147,12 @@ def make_box_maps(root, boxes_file, spec: DataSpec, crf: bool = False, workers: 
     if crf:
         crf_dir.mkdir(parents=True, exist_ok=True)
         if workers > 1:
-            with ProcessPoolExecutor(workers, initializer=_one_thread) as pool:
+            with ProcessPoolExecutor(workers) as pool:  # pydensecrf is single-threaded: one image per process
                 list(pool.map(_box_crf_task, jobs, chunksize=4))
         else:
             for job in jobs:
                 _box_crf_task(job)
     return {"ids": len(image_paths), "box": len(jobs), "box_crf": len(jobs) if crf else 0}
-
-
-def _one_thread() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def map_dice_report(root, spec: DataSpec, dirs: Sequence[str] = (BOX_DIR, BOX_CRF_DIR)) -> dict:

@@ -157,7 +157,7 @@ def test_prepare_cli_writes_box_maps_and_reports_dice(tmp_path, capsys):
     src = tmp_path / "src"
     make_source(src, 4)
     out = tmp_path / "out"
-    base = ["kvasir", "--src", str(src), "--out", str(out), "--test-size", "1", "--workers", "1"]
+    base = ["kvasir", "--src", str(src), "--out", str(out), "--test-size", "1", "--workers", "2"]  # a CRF pool
     assert prepare_main(base + ["--boxes", str(src / "boxes.json"), "--box-crf"]) == 0
     printed = capsys.readouterr().out
     assert "4 box map(s)" in printed and "4 box+CRF map(s)" in printed
