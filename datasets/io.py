@@ -73,12 +73,49 @@ def dicom_to_uint8_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
 
 
+def decoded_size(path) -> tuple:
+    """(H, W) after decoding every pixel: a truncated or corrupt file fails here, naming the file.
+
+    Header-only checks (image_size) pass a JPEG cut short; Pillow raises "image file is truncated" only
+    when the pixels are decoded.
+    """
+    path = _require(path)
+    if path.suffix.lower() == ".dcm":
+        return read_dicom(path).shape[:2]
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.height, im.width
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for corrupt files
+        raise DataError(f"cannot decode image {path}: {e}") from e
+
+
 def read_ids(path) -> list:
-    """A split file: one id per line, first whitespace-separated column; blank lines skipped."""
+    """A split file: one id per line, the whole line (ids may contain spaces) without its surrounding
+    whitespace; blank lines skipped, a UTF-8 byte-order mark ignored. An id listed twice is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(f"cannot read split file {path} (expected UTF-8 text, one id per line): {e}") from e
+    ids, first_line = [], {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        i = line.strip()
+        if not i:
+            continue
+        if i in first_line:
+            raise DataError(f"{path}:{n}: id '{i}' is listed twice (first on line {first_line[i]})")
+        first_line[i] = n
+        ids.append(i)
     if not ids:
         raise DataError(f"split file is empty: {path}")
     return ids
+
+
+def split_line_numbers(path) -> dict:
+    """{id: line number} of a split file read by read_ids (for messages that point at a line)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    return {line.strip(): n for n, line in enumerate(text.splitlines(), start=1) if line.strip()}

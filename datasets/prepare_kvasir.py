@@ -4,28 +4,35 @@ The source is an extracted Kvasir-SEG download (SRC/images/<id>.jpg, SRC/masks/<
 symlinked (or copied) unchanged; the split comes from split files (the official MediaEval 2020 lists
 train.txt / val.txt, val becoming test) or from a seeded random split.
 """
+import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
-from datasets.io import DataError, image_size
-
-MAX_LISTED = 10  # problems listed in one error message
+from datasets.io import DataError, decoded_size, read_ids, split_line_numbers
+from datasets.util import fail_listing, make_out_dir, write_list
 
 
-def _fail(problems: list, what: str) -> None:
-    if problems:
-        shown = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} {what}:\n  {shown}{more}")
+def _sizes(paths: list, workers: int) -> list:
+    """decoded_size of each path (DataError or (H, W)), decoded in threads (Pillow releases the GIL)."""
+    def one(p):
+        try:
+            return decoded_size(p)
+        except DataError as e:
+            return e
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(one, paths))
 
 
-def scan_kvasir(src) -> list:
+def scan_kvasir(src, workers: int = 0) -> list:
     """Sorted ids of SRC/images/*.jpg, after checking each has a mask SRC/masks/<id>.jpg of the same size.
+
+    Every image and mask is decoded in full, so a truncated or corrupt file fails here, not in training.
 
     Args:
         src: extracted Kvasir-SEG folder containing images/ and masks/.
+        workers: decoding threads (0: one per CPU).
     """
     src = Path(src)
     image_dir, mask_dir = src / "images", src / "masks"
@@ -40,31 +47,27 @@ def scan_kvasir(src) -> list:
                 for i in sorted(images.keys() - masks.keys())]
     problems += [f"mask {masks[i]} has no image: expected {image_dir / (i + '.jpg')}"
                  for i in sorted(masks.keys() - images.keys())]
-    for i in sorted(images.keys() & masks.keys()):
-        si, sm = image_size(images[i]), image_size(masks[i])
+    problems += [f"image file name {images[i].name!r} has whitespace at an end or a line break: its id cannot "
+                 f"be written to a split file" for i in sorted(images) if i != i.strip() or "\n" in i or "\r" in i]
+    both = sorted(images.keys() & masks.keys())
+    sizes = _sizes([images[i] for i in both] + [masks[i] for i in both], workers or os.cpu_count() or 1)
+    problems += [str(e) for e in sizes if isinstance(e, DataError)]
+    for i, si, sm in zip(both, sizes[:len(both)], sizes[len(both):], strict=True):
+        if isinstance(si, DataError) or isinstance(sm, DataError):
+            continue
         if si != sm:
             problems.append(f"size mismatch for {i}: image {images[i]} is {si[0]}x{si[1]} (HxW), "
                             f"mask {masks[i]} is {sm[0]}x{sm[1]}")
-    _fail(problems, "problem(s) in the Kvasir-SEG source")
+    fail_listing(problems, "problem(s) in the Kvasir-SEG source")
     return sorted(images)
 
 
 def _read_split_file(path: Path, known: set) -> list:
-    """Ids of a split file (one per line, first column), each checked against the known image ids."""
-    ids, problems, seen = [], [], set()
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        i = line.split()[0]
-        if i not in known:
-            problems.append(f"{path}:{n}: id '{i}' has no image")
-        elif i in seen:
-            problems.append(f"{path}:{n}: id '{i}' listed twice")
-        seen.add(i)
-        ids.append(i)
-    _fail(problems, f"bad id(s) in split file {path}")
-    if not ids:
-        raise DataError(f"split file is empty: {path}")
+    """Ids of a split file (datasets.io.read_ids: whole lines), each checked against the known image ids."""
+    ids = read_ids(path)
+    lines = split_line_numbers(path)
+    fail_listing([f"{path}:{lines[i]}: id '{i}' has no image" for i in ids if i not in known],
+                 f"bad id(s) in split file {path}")
     return ids
 
 
@@ -106,11 +109,8 @@ def _place(src: Path, dst: Path, copy: bool) -> None:
         dst.symlink_to(src.resolve())
 
 
-def write_list(path: Path, ids: list) -> None:
-    path.write_text("".join(f"{i}\n" for i in ids))
-
-
-def prepare_kvasir(src, out, split_dir=None, test_size=None, seed: int = 0, copy: bool = False) -> dict:
+def prepare_kvasir(src, out, split_dir=None, test_size=None, seed: int = 0, copy: bool = False,
+                   workers: int = 0) -> dict:
     """Link/copy Kvasir-SEG into OUT and write OUT/train.txt, OUT/test.txt. Returns the counts.
 
     Args:
@@ -120,14 +120,16 @@ def prepare_kvasir(src, out, split_dir=None, test_size=None, seed: int = 0, copy
         test_size: number of test images of the random split.
         seed: seed of the random split.
         copy: copy the files instead of symlinking them.
+        workers: decoding threads of the source check (0: one per CPU).
     """
     if (split_dir is None) == (test_size is None):
         raise DataError("give either a split folder (--split-dir) or a random split size (--test-size)")
     src, out = Path(src), Path(out)
-    ids = scan_kvasir(src)
+    make_out_dir(out, check_only=True)  # a bad --out fails before the long source check
+    ids = scan_kvasir(src, workers)
     train, test = split_from_dir(split_dir, ids) if split_dir is not None else random_split(ids, test_size, seed)
     for sub in ("images", "masks"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        make_out_dir(out / sub)
         for i in ids:
             _place(src / sub / f"{i}.jpg", out / sub / f"{i}.jpg", copy)
     write_list(out / "train.txt", train)

@@ -12,22 +12,17 @@ layout). Files of a case are grouped into series by SeriesInstanceUID.
 """
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from datasets.io import DataError
-from datasets.prepare_kvasir import write_list
+from datasets.io import DataError, decoded_size
+from datasets.util import make_out_dir, write_list
 
 ANGLE_TOL = 1e-3   # 1 - cos(angle) between NRRD and DICOM axes: about 2.6 degrees
 POS_TOL = 1e-2     # voxels of slack on the half-voxel bound, for the rounding of DICOM decimal strings
 SPACING_TOL = 1e-2  # relative
-
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- labels
@@ -243,8 +238,10 @@ def prepare_nci_isbi(labels, out, dicom=None, test_labels=(), masks_only: bool =
         seed: seed of the shuffle of train.txt (test.txt keeps case/slice order).
         ignore_geometry: keep cases whose slices fail the geometry check (still reported).
     Returns:
-        {"train": [ids], "test": [ids], "skipped": {case: reason}, "geometry": [mismatch messages],
-         "unreadable": number of non-DICOM/unreadable files under DICOM}.
+        {"train": [ids], "test": [ids], "skipped": {case: reason}, "kept_despite": {case: [reasons]} (cases
+         kept with IGNORE_GEOMETRY although their slices failed a check), "geometry": [mismatch messages],
+         "unreadable": number of non-DICOM/unreadable files under DICOM}. Nothing is printed: the caller
+         reports each skipped case once.
     """
     if isinstance(labels, (str, Path)):
         labels = [labels]
@@ -264,12 +261,14 @@ def prepare_nci_isbi(labels, out, dicom=None, test_labels=(), masks_only: bool =
     if unknown:
         raise DataError(f"--exclude {unknown[0]}: no label volume for this case")
 
-    out = Path(out)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(out, check_only=True)
     if not masks_only:
-        (out / "images").mkdir(parents=True, exist_ok=True)
         dicoms, unreadable = scan_dicom_tree(dicom, cases)
-    result = {"train": [], "test": [], "skipped": {}, "geometry": [], "unreadable": 0 if masks_only else unreadable}
+    make_out_dir(out / "masks")
+    if not masks_only:
+        make_out_dir(out / "images")
+    result = {"train": [], "test": [], "skipped": {}, "kept_despite": {}, "geometry": [],
+              "unreadable": 0 if masks_only else unreadable}
     for case in sorted(cases):
         if case in exclude:
             continue
@@ -277,14 +276,16 @@ def prepare_nci_isbi(labels, out, dicom=None, test_labels=(), masks_only: bool =
         if not masks_only:
             by_k, reasons = pick_series(header, volume.shape[2], dicoms.get(case, {}), ignore_geometry)
             result["geometry"] += [f"{case}: {r}" for r in reasons if "geometry mismatch" in r]
-            for r in reasons:
-                warn(f"{case}: {r}")
             if by_k is None:
                 more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
                 result["skipped"][case] = reasons[0] + more
-                warn(f"{case}: skipped")
                 continue
+            if reasons:
+                result["kept_despite"][case] = reasons
         split = "test" if case in test_cases else "train"
+        if not masks_only:  # decode every slice that will be used: a truncated file fails here, naming it
+            for k in nonempty_slices(volume):
+                decoded_size(by_k[k][0])
         for k in nonempty_slices(volume):
             sid = f"{case}_{k}"
             Image.fromarray(slice_mask(volume, k)).save(out / "masks" / f"{sid}.png")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from common.dataspec import DataSpec, load_spec
 from datasets.io import DataError, image_size, read_gray, read_ids, read_image
 
+
 def data_spec(data) -> DataSpec:
     """The dataset spec of --data (a built-in name, a spec file path, or a DataSpec)."""
     return load_spec(data)
@@ -44,28 +45,29 @@ class SegmentationDataset(torch.utils.data.Dataset):
     (those are applied per batch by `random_flip`, so a preloaded and a per-sample pipeline share them).
     K = number of levels (gaze_sup: gaze map resized bilinear, then >= threshold_i) or 1 (full_sup:
     the mask resized nearest). Test mode yields the resized image and the mask at its original size.
+    Files needed: a gaze_sup training split reads images and gaze maps only (no masks); full_sup
+    training and test mode (the test split, --val_fraction ids) read images and masks.
 
     Args:
         root: prepared dataset folder.
-        data: "kvasir" or "prostate".
-        split: split file name without .txt, or an explicit list of ids.
+        data: the dataset spec: a built-in name ("kvasir", "prostate"), a spec file path, or a DataSpec.
+        split: split file name without .txt, or an explicit list of ids (engine/train.py trims
+            --data_size_rate before passing them).
         train: train or test mode.
         method: "gaze_sup" (targets from gaze maps) or "full_sup" (targets from masks).
         spatial_size: side of the square network input.
         thresholds: one per level (gaze_sup).
         gaze_dir: folder under ROOT/gaze holding the gaze maps.
-        data_size_rate: keep the first int(n * rate) ids of the split.
     """
 
     def __init__(self, root, data: str, split, train: bool, method: str = "gaze_sup", spatial_size: int = 384,
-                 thresholds: Sequence[float] = (0.5,), gaze_dir: str = "crf_compat1", data_size_rate: float = 1.0):
+                 thresholds: Sequence[float] = (0.5,), gaze_dir: str = "crf_compat1"):
         self.root, self.data, self.spec = Path(root), data, data_spec(data)
         if not self.root.is_dir():
             raise DataError(f"dataset root not found: {self.root}")
-        ids = read_ids(self.root / f"{split}.txt") if isinstance(split, str) else list(split)
-        self.ids = ids[:int(len(ids) * data_size_rate)] if train else ids
+        self.ids = read_ids(self.root / f"{split}.txt") if isinstance(split, str) else list(split)
         if not self.ids:
-            raise DataError(f"no ids left in split {split!r} of {self.root} (data_size_rate={data_size_rate})")
+            raise DataError(f"no ids in split {split!r} of {self.root}")
         self.train, self.method, self.size = train, method, spatial_size
         self.thresholds = list(thresholds)
         self.gaze_dir = self.root / "gaze" / gaze_dir

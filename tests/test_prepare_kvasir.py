@@ -45,7 +45,8 @@ def test_split_dir_links_everything(tmp_path):
         for sub in ("images", "masks"):
             link = tmp_path / "out" / sub / f"{i}.jpg"
             assert link.is_symlink() and link.resolve() == (src / sub / f"{i}.jpg").resolve()
-        image, mask = read_image(tmp_path / "out" / "images" / f"{i}.jpg"), read_gray(tmp_path / "out" / "masks" / f"{i}.jpg")
+        image = read_image(tmp_path / "out" / "images" / f"{i}.jpg")
+        mask = read_gray(tmp_path / "out" / "masks" / f"{i}.jpg")
         assert image.shape[:2] == mask.shape == SIZES[i][::-1]
     # running again replaces the links instead of failing on existing files
     assert prepare_kvasir(src, tmp_path / "out", split_dir=split)["ids"] == 10
@@ -86,7 +87,8 @@ def test_mask_without_image_is_named(tmp_path):
 def test_size_mismatch_is_named_with_both_sizes(tmp_path):
     src = make_kvasir(tmp_path / "src", mask_sizes={"id02": (45, 26)})
     w, h = SIZES["id02"]
-    with pytest.raises(DataError, match=rf"size mismatch for id02: image .*id02\.jpg is {h}x{w} \(HxW\), mask .*id02\.jpg is 26x45"):
+    expected = rf"size mismatch for id02: image .*id02\.jpg is {h}x{w} \(HxW\), mask .*id02\.jpg is 26x45"
+    with pytest.raises(DataError, match=expected):
         scan_kvasir(src)
 
 

@@ -1,5 +1,6 @@
 """python -m datasets.prepare nci-isbi: synthetic TCIA-like trees (pydicom + pynrrd) and the real labels."""
 import csv
+import shutil
 from pathlib import Path
 
 import nrrd
@@ -76,7 +77,8 @@ def nrrd_header(g, corner=False) -> dict:
 def write_label(path: Path, g, rng, n=None, corner=False, empty=(1,)) -> np.ndarray:
     """A random 0/1/2 label volume (cols, rows, n) with the slices in EMPTY (1-based) all zero."""
     n = g["n"] if n is None else n
-    label = (rng.random((g["cols"], g["rows"], n)) < 0.3).astype(np.uint8) * rng.integers(1, 3, (g["cols"], g["rows"], n), dtype=np.uint8)
+    shape = (g["cols"], g["rows"], n)
+    label = (rng.random(shape) < 0.3).astype(np.uint8) * rng.integers(1, 3, shape, dtype=np.uint8)
     for k in empty:
         label[:, :, k - 1] = 0
     header = nrrd_header(dict(g, n=n), corner)
@@ -201,9 +203,20 @@ def test_geometry_mismatch_is_reported_and_skipped(tcia, tmp_path, capsys):
     result = prepare_nci_isbi(labels, tmp_path / "out", dicom=tcia["dicom"])
     assert "Prostate3T-01-0001" in result["skipped"] and result["train"] == []
     assert len(result["geometry"]) == g["n"] and "geometry mismatch" in result["skipped"]["Prostate3T-01-0001"]
-    assert "geometry mismatch" in capsys.readouterr().err
+    assert capsys.readouterr() == ("", "")  # the function reports nothing itself: the CLI does, once
     kept = prepare_nci_isbi(labels, tmp_path / "kept", dicom=tcia["dicom"], ignore_geometry=True)
     assert kept["skipped"] == {} and len(kept["geometry"]) == g["n"] and kept["train"]
+    assert len(kept["kept_despite"]["Prostate3T-01-0001"]) == g["n"]
+    args = ["nci-isbi", "--labels", str(labels), "--dicom", str(tcia["dicom"]), "--out", str(tmp_path / "cli")]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    both = printed.out + printed.err
+    assert both.count("Prostate3T-01-0001") == 1  # skipped: one line, not a warning and a summary
+    assert "skipped Prostate3T-01-0001: series" in printed.out and "geometry mismatch" in printed.out
+    assert main(args + ["--ignore-geometry"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.count("Prostate3T-01-0001") == 1 and "kept (--ignore-geometry)" in printed.err
+    assert f"(+{g['n'] - 1} more)" in printed.err
 
 
 def test_duplicate_instance_number_skips_the_case(tcia, tmp_path):
@@ -306,7 +319,8 @@ def test_real_labels_give_805_slices_and_the_789_of_the_gaze_csv(real_masks, gaz
             assert (im.height, im.width) == sizes[sid], sid
 
 
-@pytest.mark.parametrize("case, k, folder", [("Prostate3T-01-0001", 13, "nrrd3T"), ("Prostate3T-01-0002", 16, "nrrd3T")])
+@pytest.mark.parametrize("case, k, folder",
+                         [("Prostate3T-01-0001", 13, "nrrd3T"), ("Prostate3T-01-0002", 16, "nrrd3T")])
 def test_real_dicom_samples_pair_with_their_masks(real_masks, nci_isbi_dir, case, k, folder):
     out, _ = real_masks
     path = nci_isbi_dir / "dicom-samples" / f"{case}_{k}.dcm"
@@ -338,3 +352,19 @@ def test_real_dicom_samples_load_through_the_prostate_dataset(real_masks, nci_is
         label, _ = nrrd.read(str(nci_isbi_dir / "labels" / "nrrd3T" / f"{case}.nrrd"))
         assert item["id"] == sid and item["image"].shape == (1, 64, 64)
         np.testing.assert_array_equal(item["mask"][0].numpy() * 255, expected_mask(label, int(k)))
+
+
+def test_truncated_dicom_fails_at_prepare_time(tcia, tmp_path, capsys):
+    """Every DICOM slice that will be used is decoded: a file cut short fails here, naming it (not in training)."""
+    case = "ProstateDx-01-0002"
+    labels, dicom = tmp_path / "labels", tmp_path / "dicom"
+    labels.mkdir()
+    shutil.copy(next(tcia["labels"].rglob(f"{case}*.nrrd")), labels)
+    shutil.copytree(tcia["dicom"] / case, dicom / case)
+    broken = dicom / case / tcia["files"][case][2].relative_to(tcia["dicom"] / case)  # slice 2 is labelled
+    broken.write_bytes(broken.read_bytes()[:-10])
+    args = ["nci-isbi", "--labels", str(labels), "--dicom", str(dicom), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot read DICOM {broken}")
+    assert not (tmp_path / "out" / "train.txt").exists()
