@@ -4,8 +4,9 @@ Layout (as the paper's notebooks):
     kvasir    ROOT/images/<id>.jpg, ROOT/masks/<id>.jpg; maps saved as .jpg (Pillow default quality); sigma 70
     prostate  ROOT/images/<id>.dcm, ROOT/masks/<id>.png; maps saved as .png; sigma 50
     OUT (default ROOT/gaze)/heatmap/<id>.<ext>, OUT/crf_compat1/<id>.<ext>, OUT/report.json, OUT/report.png
-The CRF reads the heatmap back from its file (/255) and its output is stored like the heatmap
-(float16 * 255, truncated).
+The CRF reads the heatmap back from its file (/255). Stored values follow the notebooks exactly: a heatmap
+is float16 (`draw_heatmap` returns float16), saved as `(heatmap.astype(np.float16) * 255).astype(np.uint8)`;
+a CRF map is the float32 marginal, saved as `(crf_map * 255).astype(np.uint8)` with no float16 step.
 
 Work runs in phases (heatmap, crf, report), each parallel over images in a spawn process pool whose
 workers use one thread each. The torch CRF backend instead runs in this process, batching images
@@ -57,13 +58,31 @@ class Job:
 
 # ----------------------------------------------------------------------------- file helpers
 
-def save_map(path: Path, gaze_map: np.ndarray) -> None:
-    """Save a [0, 1] map as uint8 (float16 * 255, truncated), atomically; format from the suffix."""
+def crf_to_uint8(q: np.ndarray) -> np.ndarray:
+    """A CRF map's stored value, as the notebooks' `(crf_map * 255).astype(np.uint8)` on the float32 marginal.
+
+    The clip only guards the cast (a marginal lies in [0, 1], so it changes nothing there).
+    """
+    return np.clip(np.asarray(q, dtype=np.float32) * np.float32(255), 0, 255).astype(np.uint8)
+
+
+def save_u8(path: Path, u8: np.ndarray) -> None:
+    """Save a uint8 map atomically; format from the suffix (JPEG: Pillow's default quality, 75)."""
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[path.suffix.lower()]
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-    Image.fromarray(to_uint8(gaze_map)).save(tmp, format=fmt)  # JPEG: Pillow's default quality (75)
+    Image.fromarray(u8).save(tmp, format=fmt)
     os.replace(tmp, path)
+
+
+def save_map(path: Path, gaze_map: np.ndarray) -> None:
+    """Save a heatmap ([0, 1], float16 or float32 before the cast) as the notebooks do: float16 * 255, truncated."""
+    save_u8(path, to_uint8(gaze_map))
+
+
+def save_crf_map(path: Path, q: np.ndarray) -> None:
+    """Save a CRF marginal (float32, [0, 1]) as the notebooks do: float32 * 255, truncated."""
+    save_u8(path, crf_to_uint8(q))
 
 
 def load_crf_image(path: Path) -> np.ndarray:
@@ -103,7 +122,7 @@ def crf_task(job: Job, backend: str = "pydensecrf", device: str = "cpu") -> floa
     """CRF-refine one saved heatmap and save the result; returns seconds spent."""
     t = time.perf_counter()
     image, prob = crf_inputs(job)
-    save_map(job.crf, crf_mod.refine(image, prob, backend, device, **job.crf_params))
+    save_crf_map(job.crf, crf_mod.refine(image, prob, backend, device, **job.crf_params))
     return time.perf_counter() - t
 
 
@@ -163,7 +182,7 @@ def _crf_torch(jobs: list, device: str, threads: int, batch: int, quiet: bool) -
                 nxt = io.map(crf_inputs, chunks[k + 1])
             images, probs = [a for a, _ in inputs], [b for _, b in inputs]
             maps = crf_mod.refine_batch(images, probs, "torch", device, **chunk[0].crf_params)
-            saves += [io.submit(save_map, j.crf, m) for j, m in zip(chunk, maps)]
+            saves += [io.submit(save_crf_map, j.crf, m) for j, m in zip(chunk, maps)]
             bar.update(len(chunk))
         for s in saves:
             s.result()
