@@ -16,6 +16,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from common.errors import UserError
 from common.files import write_json
 
 NAME = "manifest.json"
@@ -78,4 +79,7 @@ class Manifest:
             self.save()
 
     def save(self) -> None:
-        write_json(self.path, {"version": VERSION, **{k: dict(sorted(v.items())) for k, v in self.entries.items()}})
+        try:
+            write_json(self.path, {"version": VERSION, **{k: dict(sorted(v.items())) for k, v in self.entries.items()}})
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write the manifest: {e.strerror or e}") from None

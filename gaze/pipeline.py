@@ -78,8 +78,12 @@ def save_u8(path: Path, u8: np.ndarray) -> None:
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[path.suffix.lower()]
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-    Image.fromarray(u8).save(tmp, format=fmt)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(u8).save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write the map: {e.strerror or e}") from None
 
 
 def save_map(path: Path, gaze_map: np.ndarray) -> None:
@@ -434,7 +438,10 @@ def make_gaze_maps(csv_path, root, data, out_dir=None, steps: Optional[Sequence[
         result["time_s"]["sheet"] = time.perf_counter() - t
     result["time_s"]["total"] = time.perf_counter() - t0
     if report:
-        write_json(out_dir / "report.json", result)
+        try:
+            write_json(out_dir / "report.json", result)
+        except OSError as e:
+            raise DataError(f"{out_dir / 'report.json'}: cannot write the report: {e.strerror or e}") from None
     if not quiet:
         print(rep.format_report(result))
     return result
