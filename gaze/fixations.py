@@ -185,9 +185,8 @@ def _rows(path: Path) -> Iterator[Tuple[int, List[str]]]:
                 row = next(reader)
             except StopIteration:
                 return
-            except csv.Error as e:
-                raise FixationError(f"{path}:{first}: unbalanced '\"' ({e}); a field must not run over the line "
-                                    "end") from None
+            except csv.Error:  # an open quote ran to the end of the file or past csv's field size limit
+                raise FixationError(f"{path}:{first}: unbalanced '\"': a quoted field runs over the line end") from None
             if count[0] > first:
                 raise FixationError(f"{path}:{first}: unbalanced '\"': a quoted field runs over the line end")
             if row and any(v.strip() for v in row):

@@ -258,6 +258,12 @@ def check_options(spec: DataSpec, steps: Optional[Sequence[str]], crf_backend: s
     out_dir = Path(out_dir) if out_dir is not None else root / "gaze"
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir}: exists and is not a directory")
+    if crf_backend == "pydensecrf" and "crf" in steps:
+        try:
+            import pydensecrf.densecrf  # noqa: F401  (checked here, not after the heatmaps are done)
+        except ImportError:
+            raise UserError("the crf step with the pydensecrf backend needs `pip install pydensecrf2==1.1` "
+                            "(or --crf-backend torch, or --steps heatmap)") from None
     return steps, workers, root, out_dir
 
 

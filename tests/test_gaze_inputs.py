@@ -210,9 +210,17 @@ def test_crf_map_depends_on_its_heatmap_and_image(tmp_path):
     Image.fromarray(np.asarray(Image.open(img))[::-1].copy()).save(img)  # the image changed, not the fixations
     res = make_gaze_maps(csv, root, "kvasir", **run)
     assert res["written"] == {"heatmap": 0, "crf": 1} and res["changed"] == {"heatmap": 0, "crf": 1}
-    (tmp_path / "o" / "heatmap" / "img_a.jpg").unlink()  # a heatmap rewritten -> its CRF map too
+    (tmp_path / "o" / "heatmap" / "img_a.jpg").unlink()  # rewritten with the same bytes: its CRF map stays
     res = make_gaze_maps(csv, root, "kvasir", **run)
-    assert res["written"]["heatmap"] == 1 and res["skipped"]["crf"] >= 2
+    assert res["written"] == {"heatmap": 1, "crf": 0}
+    lines = csv.read_text().splitlines()  # new fixations for img_a: its heatmap, then its CRF map, change
+    k = next(i for i, line in enumerate(lines) if line.startswith("img_a.jpg"))
+    parts = lines[k].split(",")
+    parts[2] = "0.5"
+    lines[k] = ",".join(parts)
+    csv.write_text("\n".join(lines) + "\n")
+    res = make_gaze_maps(csv, root, "kvasir", **run)
+    assert res["written"] == {"heatmap": 1, "crf": 1} and res["changed"] == {"heatmap": 1, "crf": 1}
 
 
 # ----------------------------------------------------------------------------- generic CSVs and specs
@@ -299,6 +307,14 @@ def test_pixels_outside_the_image_error_or_drop(tmp_path, capsys):
     (root / "images" / "img_b.png").unlink()  # no size column and no image: the size cannot be known
     assert main(args + ["--outside", "drop"]) == 2
     assert "img_b.png: not found" in one_error_line(capsys)
+
+
+def test_missing_pydensecrf_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    if HAVE_CRF:
+        pytest.skip("pydensecrf2 is installed (this checks the message without it)")
+    root, csv, _ = make_root(tmp_path, "kvasir", seed=14)
+    assert cli(root, csv, tmp_path / "o", "--steps", "heatmap,crf") == 2
+    assert "pip install pydensecrf2" in one_error_line(capsys) and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- stored values

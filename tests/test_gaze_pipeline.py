@@ -1,5 +1,6 @@
 """gaze.pipeline / python -m gaze on small synthetic roots (both layouts) and on a few real Kvasir images."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,12 +173,14 @@ def test_pool_gives_the_same_files_as_serial(tmp_path):
             assert f.read_bytes() == (tmp_path / "b" / sub / f.name).read_bytes()
 
 
+@needs_crf
 def test_crf_alone_needs_heatmaps(tmp_path):
     root, csv, _ = make_root(tmp_path, "kvasir", seed=5)
     with pytest.raises(DataError, match="run the heatmap step first"):
         make_gaze_maps(csv, root, "kvasir", out_dir=tmp_path / "o", steps=["crf"], workers=1, quiet=True)
 
 
+@needs_crf
 @pytest.mark.parametrize("workers", [1, 2])  # 2: the error crosses the process pool
 def test_image_size_disagreeing_with_csv_names_the_file(tmp_path, workers):
     root, csv, _ = make_root(tmp_path, "kvasir", seed=6)
@@ -190,9 +193,10 @@ def test_image_size_disagreeing_with_csv_names_the_file(tmp_path, workers):
 def test_bad_arguments(tmp_path):
     root, csv, _ = make_root(tmp_path, "kvasir", seed=7)
     for kw, match in ((dict(data="ct"), "unknown --data"), (dict(steps=["blur"]), "steps"),
-                      (dict(crf_backend="x"), "backend"), (dict(device="cuda"), "CPU only"),
+                      (dict(crf_backend="x"), "backend"), (dict(device="cuda", steps=["crf"]), "CPU only"),
                       (dict(ids=["img_a", "zzz"]), "zzz")):
-        args = dict(csv_path=csv, root=root, data="kvasir", out_dir=tmp_path / "o", workers=1, quiet=True) | kw
+        args = dict(csv_path=csv, root=root, data="kvasir", out_dir=tmp_path / "o", workers=1, quiet=True,
+                    steps=["heatmap"]) | kw
         with pytest.raises(ValueError, match=match):
             make_gaze_maps(**args)
 
@@ -207,7 +211,8 @@ def test_cli(tmp_path, capsys):
     assert "Dice" in capsys.readouterr().out
     broken = tmp_path / "broken.csv"
     broken.write_text(csv.read_text().replace(",1,", ",1,oops", 1))
-    rc = main(["--csv", str(broken), "--root", str(root), "--data", "prostate", "--out", str(tmp_path / "o")])
+    rc = main(["--csv", str(broken), "--root", str(root), "--data", "prostate", "--out", str(tmp_path / "o"),
+               "--steps", "heatmap"])
     assert rc == 2 and f"{broken}:2:" in capsys.readouterr().err
 
 
@@ -239,3 +244,15 @@ def test_real_kvasir_few_images(kvasir_dir, gazemedseg_dir, tmp_path):
         d = res["dice"][name]
         assert d["n"] == 4 and 0.3 < d["soft_gt"] < 1 and abs(d["soft_gt"] - d["binary_gt"]) < 0.02
     assert (tmp_path / "report.png").is_file()
+
+
+def test_real_kvasir_spec_path_equals_builtin_name(kvasir_dir, gazemedseg_dir, tmp_path):
+    """`--data configs/data/kvasir.yaml` and `--data kvasir` write byte-identical heatmaps."""
+    ids = read_ids(kvasir_dir / "splits" / "val.txt")[:2]
+    spec = Path(__file__).resolve().parents[1] / "configs" / "data" / "kvasir.yaml"
+    for data, out in (("kvasir", tmp_path / "a"), (str(spec), tmp_path / "b")):
+        make_gaze_maps(gazemedseg_dir / "kvasir_fixation.csv", kvasir_dir, data, out_dir=out, steps=["heatmap"],
+                       workers=1, quiet=True, sheet=False, report=False, ids=ids)
+    for iid in ids:
+        assert (tmp_path / "a" / "heatmap" / f"{iid}.jpg").read_bytes() == \
+            (tmp_path / "b" / "heatmap" / f"{iid}.jpg").read_bytes()
