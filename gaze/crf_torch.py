@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+
 @dataclass
 class Lattice:
     """A permutohedral lattice over the pixels of one or more images (concatenated, N pixels, M vertices).

@@ -40,10 +40,15 @@ def summarise(per_image: dict) -> dict:
 def format_report(result: dict) -> str:
     """Human-readable summary of a make_gaze_maps result."""
     lines = [f"gaze maps for {result['n_ids']} {result['data']} image(s) -> {result['out_dir']}"]
+    for note in result.get("notes") or []:
+        lines.append(f"  note: {note}")
     for step in result["steps"]:
-        lines.append(f"  {step:8s} written {result['written'][step]:5d}  "
-                     f"skipped (existing) {result['skipped'][step]:5d}"
+        changed = result.get("changed", {}).get(step, 0)
+        lines.append(f"  {step:8s} written {result['written'][step]:5d} ({changed} of them: inputs changed)  "
+                     f"up to date {result['skipped'][step]:5d}"
                      f"  {result['time_s'].get(step, 0.0):7.1f} s")
+    if result.get("dropped_fixations"):
+        lines.append(f"  {result['dropped_fixations']} fixation(s) outside their image dropped (--outside drop)")
     for key, what in (("missing_images", "images not found (no CRF for them)"),
                       ("missing_masks", "masks not found (not in the Dice report)"),
                       ("images_without_fixations", "images in ROOT without fixations")):
@@ -51,6 +56,8 @@ def format_report(result: dict) -> str:
         if ids:
             more = f" ... (+{len(ids) - 3})" if len(ids) > 3 else ""
             lines.append(f"  {len(ids)} {what}: {', '.join(ids[:3])}{more}")
+    if result.get("report_skipped"):
+        lines.append(f"  Dice report skipped: {result['report_skipped']}")
     if result.get("dice"):
         lines.append("  Dice of (map > 0.5), mean over images:   GT = mask/255 (paper)   GT binarised")
         for name, d in result["dice"].items():

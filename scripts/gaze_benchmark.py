@@ -99,6 +99,7 @@ def main() -> None:
         print(f"crf pydensecrf:             {ms(t, len(samples)):8.1f} ms/image")
     if a.torch_device:
         import torch
+
         from gaze.crf_torch import crf_refine_torch_batch
         sync = torch.cuda.synchronize if a.torch_device.startswith("cuda") else (lambda: None)
         crf_refine_torch_batch(images[:2], probs[:2], device=a.torch_device)  # warm-up

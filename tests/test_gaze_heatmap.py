@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from gaze.heatmap import (blur_fixations, fixation_canvas, fixation_indices, gaze_heatmap, heatmap_f32,
-                          impulse_responses, minmax, round_half, to_uint8)
+from gaze.heatmap import (
+    blur_fixations,
+    fixation_canvas,
+    fixation_indices,
+    gaze_heatmap,
+    heatmap_f32,
+    impulse_responses,
+    minmax,
+    round_half,
+    to_uint8,
+)
 
 # coordinates at and next to the borders: 0 and 0.5/768 wrap to index -1, 1.5/768 and 2.5/768 test half-to-even
 BORDER = [0.0, 0.5 / 768, 1 / 768, 1.5 / 768, 2.5 / 768, 0.5, 1 - 1 / 768, 767.5 / 768, 1.0]
