@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import run
