@@ -69,10 +69,10 @@ def lr_at_epoch(args, epoch: int, total_epoch: int) -> float:
     warmup = args.warmup_ite
     if counter < warmup:
         return args.lr * counter / warmup
-    # counter <= total_epoch - 1 for every epoch that trains, so the denominator is >= 1 here; the guard
-    # only keeps a direct call with epoch > total_epoch from dividing by zero
-    progress = (counter - warmup) / max(total_epoch - warmup, 1)
-    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    # their expression, in their order of operations (bit-identical values). counter <= total_epoch - 1 for
+    # every epoch that trains, so the denominator is >= 1; max() only guards a direct call past the end
+    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (
+        1.0 + math.cos(math.pi * (counter - warmup) / max(total_epoch - warmup, 1)))
 
 
 def split_ids(args):
