@@ -64,8 +64,8 @@ def data_root(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("data"), num_train=NUM_TRAIN, num_test=1)
 
 
-def train(root: Path, exp: Path, *extra: str) -> tuple:
-    """A real run; (run folder, the lr of the optimizer's param group at each optimizer step)."""
+def train(root: Path, exp: Path, *extra: str) -> list:
+    """A real run; the lr of the optimizer's param group at each optimizer step."""
     seen = []
 
     def record(optimizer, args, kwargs):
@@ -78,7 +78,7 @@ def train(root: Path, exp: Path, *extra: str) -> tuple:
         assert run.main(argv) == 0
     finally:
         handle.remove()
-    return only_run_dir(exp), seen
+    return seen
 
 
 def logged_lrs(run_dir: Path) -> list:
@@ -94,11 +94,11 @@ def test_every_iteration_trains_at_the_authors_lr(data_root, tmp_path, batch_siz
     epochs (compared with the epoch counter, as theirs); a constant lr without a scheduler."""
     max_ite = 7
     spe = math.ceil(NUM_TRAIN / batch_size)
-    run_dir, seen = train(data_root, tmp_path / "exp", "-bs", str(batch_size), "--max_ite", str(max_ite),
-                          "--lr_scheduler", scheduler, "--warmup_ite", str(warmup), "--save_step", "1000")
+    seen = train(data_root, tmp_path / "exp", "-bs", str(batch_size), "--max_ite", str(max_ite),
+                 "--lr_scheduler", scheduler, "--warmup_ite", str(warmup), "--save_step", "1000")
     expected = authors_lrs(max_ite, spe, warmup, scheduler)
     assert seen == expected  # bit for bit: the same expression in the same order
-    logged = logged_lrs(run_dir)
+    logged = logged_lrs(only_run_dir(tmp_path / "exp"))
     assert [i for i, _ in logged] == list(range(1, max_ite + 1))
     assert [lr for _, lr in logged] == pytest.approx(expected, rel=1e-8, abs=0)  # written with 9 digits
     if scheduler == "cos" and warmup == 0 and spe > 1:  # the shift is visible: epochs 1 and 2 share lr(1)
@@ -109,6 +109,7 @@ def test_a_resumed_run_keeps_the_authors_schedule(data_root, tmp_path):
     """Stopped mid-epoch 2 (3 steps per epoch, checkpoint at iteration 4), resumed: iterations 5..8 train at
     the lr the uninterrupted loop gives them (the authors' own resume restarts the epoch; this one does not)."""
     common = ("-bs", "3", "--max_ite", "8", "--lr_scheduler", "cos", "--warmup_ite", "2", "--save_step", "4")
-    full, _ = train(data_root, tmp_path / "a", *common)
-    _, seen = train(data_root, tmp_path / "b", *common, "--resume", "--ckpt_path", str(full / "model_ite4.pth"))
+    train(data_root, tmp_path / "a", *common)
+    ckpt = only_run_dir(tmp_path / "a") / "model_ite4.pth"
+    seen = train(data_root, tmp_path / "b", *common, "--resume", "--ckpt_path", str(ckpt))
     assert seen == authors_lrs(8, 3, 2)[4:]
