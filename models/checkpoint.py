@@ -196,25 +196,38 @@ def _disallowed_globals(path: Path) -> list[str]:
 
 def _pickle_globals(data: bytes) -> list[str]:
     """The globals named by the pickles at the start of `data` (several in a row: torch's legacy format),
-    from GLOBAL / STACK_GLOBAL opcodes; stops quietly at the first byte that is not a pickle."""
+    from GLOBAL / STACK_GLOBAL opcodes; stops quietly at the first byte that is not a pickle.
+
+    STACK_GLOBAL takes module and name from the two values pushed just before it: strings, possibly fetched
+    from the memo. `pushed` records what each opcode pushed (the string, or None for anything else)."""
+    strings = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING")
+    silent = ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO")  # push nothing
     found, stream = [], io.BytesIO(data)
     while stream.tell() < len(data):
-        strings, memo = [], {}
+        pushed: list = []
+        memo: dict = {}
         try:
             for op, arg, _ in pickletools.genops(stream):
-                if op.name == "GLOBAL":
+                name = op.name
+                if name == "GLOBAL":
                     found.append(str(arg).replace(" ", "."))
-                elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
-                                 "BINSTRING", "STRING"):
-                    strings.append(str(arg))
-                elif op.name == "MEMOIZE" and strings:
-                    memo[len(memo)] = strings[-1]
-                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                    memo[int(arg)] = strings[-1]
-                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                    strings.append(memo[int(arg)])
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
+                    pushed.append(None)
+                elif name == "STACK_GLOBAL":
+                    if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
+                        found.append(f"{pushed[-2]}.{pushed[-1]}")
+                    else:
+                        found.append("<unknown global>")  # cannot tell which: still not a tensor
+                    pushed.append(None)
+                elif name in strings:
+                    pushed.append(str(arg))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = pushed[-1] if pushed else None
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(int(arg)))
+                elif name not in silent:
+                    pushed.append(None)
         except (ValueError, EOFError, KeyError, IndexError):  # not (or no longer) a pickle: raw storage bytes
             break
     return found

@@ -8,6 +8,7 @@ import pickle
 import time
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,7 @@ def payload_file(path: Path, protocol: int, zipped: bool, target: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("protocol, zipped", [(4, False), (5, False), (4, True), (3, False)])
+@pytest.mark.parametrize("protocol, zipped", [(p, False) for p in range(6)] + [(2, True), (4, True), (5, True)])
 def test_code_payload_of_any_protocol_is_refused_not_corrupt(tmp_path, protocol, zipped):
     """Protocol >= 4 stops torch's safe unpickler at its first FRAME opcode, before it sees any global: the
     opcodes are read statically to name what the file holds. No torch warning escapes."""
@@ -217,8 +218,11 @@ def test_code_payload_of_any_protocol_is_refused_not_corrupt(tmp_path, protocol,
 
 
 def test_safe_protocol_4_file_is_explained(tmp_path):
+    """Only allowed globals inside (tensors of two storage types, an OrderedDict, a NumPy float64): the opcodes
+    are read right, so the file is not called unsafe, and the message says what to do."""
     path = tmp_path / "p4.pth"
-    torch.save({"state_dict": {"w": torch.ones(2)}}, path, pickle_protocol=4)
+    sd = OrderedDict(w=torch.ones(2), h=torch.ones(2, dtype=torch.bfloat16))
+    torch.save({"state_dict": sd, "best_performance": np.float64(0.5)}, path, pickle_protocol=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(CheckpointError, match="written with pickle protocol 4 or later") as err:
