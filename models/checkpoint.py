@@ -97,10 +97,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return removed
     for tmp in candidates:
         try:
-            if not tmp.is_file() or time.time() - tmp.stat().st_mtime < STALE_AFTER_S:
+            if not tmp.is_file():
                 continue
             with open(tmp, "rb") as f:
-                if _try_lock(f, blocking=False):  # the writer, if any, is dead: its lock died with it
+                # the lock is free: the writer, if any, is dead (its lock died with it). The age is read
+                # after locking, so a save that has just reopened (truncated) this name is left alone.
+                if _try_lock(f, blocking=False) and time.time() - os.fstat(f.fileno()).st_mtime >= STALE_AFTER_S:
                     tmp.unlink()
                     removed.append(tmp)
         except OSError:
