@@ -265,6 +265,9 @@ def main(argv=None) -> int:
     except (DataError, RunError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write failing after the checks (disk full, a folder named like an output, ...)
+        print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
+        return 2
     print(f"{len(files)} image(s) -> {len(written)} files in {args.out} "
           f"({cfg['method']}, {cfg['data']}, {cfg['spatial_size']} px, device {device})")
     return 0

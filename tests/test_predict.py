@@ -257,6 +257,11 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, capsys, data_root):
         assert _one_line_error(capsys, base + ["/sys"]).startswith("error: --out /sys: cannot write into it (")
         assert _one_line_error(capsys, base + ["/sys/preds"]).startswith(
             "error: --out /sys/preds: cannot create it in /sys (")
+    blocked = tmp_path / "blocked"
+    (blocked / "synth0000_mask.png").mkdir(parents=True)  # a folder where an output file goes
+    msg = _one_line_error(capsys, base + [str(blocked)])
+    assert msg.startswith(f"error: predicting into {blocked} stopped: [Errno 21] Is a directory: ")
+    assert str(blocked / "synth0000_mask.png") in msg
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
