@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, choices=sorted(DATA_BY_CHANNELS.values()),
                    help="normalisation (default: the checkpoint's, else 3 channels -> kvasir, 1 -> prostate)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: cuda:0 if visible, else cpu)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0 < t < 1)")
     p.add_argument("--save_prob", action="store_true", help="also write the probability map (0-255 PNG)")
     p.add_argument("--quiet", action="store_true", help="no line per image")
     g = p.add_argument_group("model shape, only for checkpoints that do not record it")
