@@ -9,7 +9,8 @@ and `numpy.dtypes.Float64DType`. Anything else is refused, never unpickled.
 What a loaded file must be, beyond safe to unpickle: a dict (a pickled list or a bare tensor is refused),
 whose recorded model flags ("args", this project's checkpoints) describe a model that can be built, and
 whose weights are finite (checked where the state dict is taken out, `checkpoint_state_dict`).
-Temporaries (`*.pth.tmp`) left by a killed save are removed by the next save or load in their folder.
+Temporaries (`*.pth.tmp`) left by a killed save are removed by the next save into their folder (not by a load:
+reading a checkpoint from a user's folder must not delete files there that may not be ours).
 """
 import fcntl
 import io
@@ -126,7 +127,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    remove_stale_temporaries(path.parent)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint (empty file)")
     try:
