@@ -179,6 +179,9 @@ def _allowed_global_names() -> set:
     return names
 
 
+SCAN_LIMIT = 64 << 20  # bytes of a non-zip file read for its globals (a corrupt 10 GB file is not read whole)
+
+
 def _disallowed_globals(path: Path) -> list[str]:
     """Globals (module.name) that the pickle in `path` refers to and the safe loader does not allow,
     found by reading its opcodes with pickletools (nothing is executed). [] when none or unreadable."""
@@ -186,8 +189,9 @@ def _disallowed_globals(path: Path) -> list[str]:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 streams = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
-        else:
-            streams = [path.read_bytes()]
+        else:  # legacy format or a bare pickle: the pickles come first, tensor bytes after them
+            with open(path, "rb") as f:
+                streams = [f.read(SCAN_LIMIT)]
     except (OSError, zipfile.BadZipFile, RuntimeError):
         return []
     allowed, found = _allowed_global_names(), []
