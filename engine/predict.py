@@ -13,9 +13,11 @@ Checkpoints: this project's (they record their flags in "args") and the paper's 
 input channels are then read from the weights' names and shapes.
 """
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, choices=sorted(DATA_BY_CHANNELS.values()),
                    help="normalisation (default: the checkpoint's, else 3 channels -> kvasir, 1 -> prostate)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: cuda:0 if visible, else cpu)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0 < t < 1)")
     p.add_argument("--save_prob", action="store_true", help="also write the probability map (0-255 PNG)")
     p.add_argument("--quiet", action="store_true", help="no line per image")
     g = p.add_argument_group("model shape, only for checkpoints that do not record it")
@@ -57,30 +59,98 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- inputs
-def list_inputs(inputs: List[str]) -> List[Path]:
-    """Files named directly plus the jpg/png/dcm files of named folders (sorted); checks every header."""
-    files = []
+def _skip_reason(entry: Path) -> str:
+    """Why a folder entry is not an input (for the skipped list)."""
+    if entry.is_symlink() and not entry.exists():
+        return "broken link"
+    if entry.is_dir():
+        return "folder"
+    if not entry.is_file():
+        return "not a regular file"
+    return "not " + "/".join(s[1:] for s in SUFFIXES)
+
+
+def list_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The images to predict and what was passed over.
+
+    Args:
+        inputs: files (jpg/jpeg/png/dcm) and folders; a folder gives its files with those suffixes (sorted,
+            not recursive). Every image's header is read now, so a bad file fails before any work.
+    Returns:
+        (files, skipped): skipped lists each other entry of the named folders (other files, subfolders,
+        broken links, ...) with the reason.
+    Raises:
+        DataError: an input that does not exist or has another suffix, a folder without images, two inputs
+            with the same stem (their outputs would overwrite each other), an unreadable image header.
+    """
+    files, skipped = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
+            found = []
+            for entry in sorted(path.iterdir()):
+                if entry.is_file() and entry.suffix.lower() in SUFFIXES:
+                    found.append(entry)
+                else:
+                    skipped.append((entry, _skip_reason(entry)))
             if not found:
-                raise DataError(f"no {'/'.join(s[1:] for s in SUFFIXES)} files in folder {path}")
+                raise DataError(f"no {'/'.join(s[1:] for s in SUFFIXES)} files in folder {path}"
+                                + (f" ({summarize_skipped(skipped)})" if skipped else ""))
             files += found
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
                 raise DataError(f"unsupported input {path}: expected one of {', '.join(SUFFIXES)}")
             files.append(path)
+        elif path.is_symlink():
+            raise DataError(f"input not found: {path} is a broken link (to {os.readlink(path)})")
         else:
             raise DataError(f"input not found: {path}")
-    stems: Dict[str, Path] = {}
+    stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems and stems[f.stem] != f:
             raise DataError(f"two inputs share the name {f.stem!r} ({stems[f.stem]} and {f}); their outputs "
                             "would overwrite each other")
         stems[f.stem] = f
         image_size(f)  # a header read: fails now, naming the file, rather than halfway through
-    return list(dict.fromkeys(files))
+    return list(dict.fromkeys(files)), skipped
+
+
+def summarize_skipped(skipped: list[tuple[Path, str]], show: int = 5) -> str:
+    """'skipped N entries: a.txt (not jpg/...), sub (folder), ... (+K more)'."""
+    names = ", ".join(f"{p.name} ({why})" for p, why in skipped[:show])
+    more = f", ... (+{len(skipped) - show} more)" if len(skipped) > show else ""
+    return f"skipped {len(skipped)} {'entry' if len(skipped) == 1 else 'entries'}: {names}{more}"
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder this process can write into, or a path where one can be created; checked before
+    any work (nothing is created here).
+
+    Raises:
+        DataError: naming --out, what is in the way and why.
+    """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, expected a folder (new or existing) for the predictions")
+    existing = out
+    while not existing.exists():  # the nearest existing ancestor is where the folder would be created
+        if existing.is_symlink():
+            raise DataError(f"--out {out}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"--out {out}: {existing} is a file, so no folder can be created under it")
+    try:  # a real write: os.access misses read-only mounts for root and some network file systems
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".predict-write-test-"):
+            pass
+    except OSError as e:
+        what = "cannot write into it" if existing == out else f"cannot create it in {existing}"
+        raise DataError(f"--out {out}: {what} ({e.strerror or e})") from None
+
+
+def check_threshold(threshold: float) -> None:
+    """--threshold is a probability strictly between 0 and 1 (0 or 1 would give all-foreground or all-empty
+    masks whatever the image)."""
+    if not 0 < threshold < 1:  # also false for NaN
+        raise DataError(f"--threshold is {threshold}, expected a probability strictly between 0 and 1")
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -184,12 +254,19 @@ def pick_device(name: Optional[str]) -> torch.device:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_threshold(args.threshold)
+        check_out_folder(Path(args.out))
         device = pick_device(args.device)
-        files = list_inputs(args.input)
+        files, skipped = list_inputs(args.input)
+        if skipped:
+            print(f"warning: {summarize_skipped(skipped)}", file=sys.stderr)
         model, cfg = load_model(args.ckpt_path, args, device)
         written = predict_files(model, cfg, files, Path(args.out), device, args.threshold, args.save_prob, args.quiet)
     except (DataError, RunError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write failing after the checks (disk full, a folder named like an output, ...)
+        print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
         return 2
     print(f"{len(files)} image(s) -> {len(written)} files in {args.out} "
           f"({cfg['method']}, {cfg['data']}, {cfg['spatial_size']} px, device {device})")

@@ -49,14 +49,30 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def lr_at_epoch(args, epoch: int, total_epoch: int) -> float:
-    """The paper's per-epoch schedule (epochs count from 1; warm-up compares the epoch with --warmup_ite)."""
+    """The learning rate of the 1-based `epoch`, exactly as the authors' training loop sets it.
+
+    Their loop (trainers/base.py `run()`) calls the epoch-begin hook, which sets the lr from its epoch
+    counter, *before* incrementing that counter, and the counter starts at 1. So epochs 1 and 2 both train
+    at the schedule's value for 1, and epoch k >= 2 at its value for k - 1. The schedule itself
+    (utils `adjust_learning_rate`): linear warm-up while the counter is below --warmup_ite (compared with
+    epochs, not iterations), then a half cosine from --lr to --lr_min over `total_epoch` epochs.
+    Being a function of the epoch alone, the same value comes back on resume.
+
+    Args:
+        args: flags; uses lr, lr_min, lr_scheduler ("cos" or anything else for a constant --lr), warmup_ite.
+        epoch: the 1-based epoch about to be trained.
+        total_epoch: max_ite // steps_per_epoch + 1, as the authors compute it.
+    """
     if args.lr_scheduler != "cos":
         return args.lr
+    counter = max(epoch - 1, 1)  # the authors' epoch counter when their hook runs for this epoch
     warmup = args.warmup_ite
-    if epoch < warmup:
-        return args.lr * epoch / warmup
-    progress = (epoch - warmup) / max(total_epoch - warmup, 1)
-    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    if counter < warmup:
+        return args.lr * counter / warmup
+    # their expression, in their order of operations (bit-identical values). counter <= total_epoch - 1 for
+    # every epoch that trains, so the denominator is >= 1; max() only guards a direct call past the end
+    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (
+        1.0 + math.cos(math.pi * (counter - warmup) / max(total_epoch - warmup, 1)))
 
 
 def split_ids(args):

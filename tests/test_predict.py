@@ -15,7 +15,8 @@ from scipy import ndimage
 
 import run
 from common.dataspec import load_spec
-from engine.predict import infer_model_args, main as predict_main
+from engine.predict import infer_model_args
+from engine.predict import main as predict_main
 from engine.visualize import PRED_COLOR, denormalize, draw_contours
 from models.checkpoint import save_checkpoint
 from models.segmentation_net import build_model
@@ -23,7 +24,7 @@ from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-WIDTHS = dict(features=[8, 8, 16, 16, 32, 8], feat_dim=8)
+WIDTHS = {"features": [8, 8, 16, 16, 32, 8], "feat_dim": 8}
 
 
 def border(mask: np.ndarray) -> np.ndarray:
@@ -107,7 +108,7 @@ def test_folder_input_and_trained_checkpoint(tmp_path, data_root):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "run.py", "predict", "--ckpt_path", str(run_dir), "--input",
                            str(data_root / "images"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     images = sorted((data_root / "images").glob("*.jpg"))
     assert f"{len(images)} image(s)" in proc.stdout
@@ -137,12 +138,12 @@ def test_real_kvasir_project_and_paper_checkpoints(tmp_path, kvasir_dir):
 
 def test_infer_model_args_from_paper_keys():
     gaze = build_model("gaze_sup", num_levels=3, in_channels=1, features=[8, 8, 16, 16, 32, 12], feat_dim=4)
-    assert infer_model_args(gaze.state_dict()) == dict(method="gaze_sup", num_levels=3, in_channels=1,
-                                                       features=[8, 8, 16, 16, 32, 12], feat_dim=4)
+    assert infer_model_args(gaze.state_dict()) == {"method": "gaze_sup", "num_levels": 3, "in_channels": 1,
+                                                   "features": [8, 8, 16, 16, 32, 12], "feat_dim": 4}
     full = build_model("full_sup", in_channels=3, features=[4, 8, 8, 16, 16, 8], feat_dim=8)
     ddp_keys = {"module." + k: v for k, v in full.state_dict().items()}
-    assert infer_model_args(ddp_keys) == dict(method="full_sup", in_channels=3, features=[4, 8, 8, 16, 16, 8],
-                                              feat_dim=8)
+    assert infer_model_args(ddp_keys) == {"method": "full_sup", "in_channels": 3, "features": [4, 8, 8, 16, 16, 8],
+                                          "feat_dim": 8}
 
 
 def test_paper_full_sup_checkpoint(tmp_path, data_root):
@@ -218,3 +219,133 @@ def test_gpu_matches_cpu(tmp_path, data_root):
     for f in sorted((tmp_path / "cpu").glob("*_prob.png")):
         a, b = (np.asarray(Image.open(tmp_path / d / f.name)).astype(int) for d in ("cpu", "cuda"))
         assert np.abs(a - b).max() <= 1
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing touched
+def _one_line_error(capsys, argv) -> str:
+    """predict exits 2 with exactly one stderr line `error: ...` (no warning, no traceback); returns it."""
+    assert predict_main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "0", "1", "-0.2", "nan"])
+def test_threshold_must_be_a_probability(tmp_path, capsys, data_root, threshold):
+    ckpt = tmp_path / "m.pth"
+    random_checkpoint(ckpt)
+    out = tmp_path / "out"
+    msg = _one_line_error(capsys, ["--ckpt_path", str(ckpt), "--input", str(data_root / "images"), "--out",
+                                   str(out), "--threshold", threshold])
+    assert msg == f"error: --threshold is {float(threshold)}, expected a probability strictly between 0 and 1"
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_unwritable(tmp_path, capsys, data_root):
+    ckpt = tmp_path / "m.pth"
+    random_checkpoint(ckpt)
+    base = ["--ckpt_path", str(ckpt), "--input", str(data_root / "images" / "synth0000.jpg"), "--out"]
+    taken = tmp_path / "results.png"
+    taken.write_bytes(b"the user's file")
+    msg = _one_line_error(capsys, base + [str(taken)])
+    assert msg == f"error: --out {taken} is a file, expected a folder (new or existing) for the predictions"
+    msg = _one_line_error(capsys, base + [str(taken / "sub")])
+    assert msg == f"error: --out {taken / 'sub'}: {taken} is a file, so no folder can be created under it"
+    assert taken.read_bytes() == b"the user's file"
+    if Path("/sys").is_dir():  # sysfs refuses new files even to root (a chmod'ed folder would not stop root)
+        assert _one_line_error(capsys, base + ["/sys"]).startswith("error: --out /sys: cannot write into it (")
+        assert _one_line_error(capsys, base + ["/sys/preds"]).startswith(
+            "error: --out /sys/preds: cannot create it in /sys (")
+    blocked = tmp_path / "blocked"
+    (blocked / "synth0000_mask.png").mkdir(parents=True)  # a folder where an output file goes
+    msg = _one_line_error(capsys, base + [str(blocked)])
+    assert msg.startswith(f"error: predicting into {blocked} stopped: [Errno 21] Is a directory: ")
+    assert str(blocked / "synth0000_mask.png") in msg
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "cannot write into it" in _one_line_error(capsys, base + [str(locked)])
+
+
+def test_skipped_folder_entries_are_listed(tmp_path, capsys, data_root):
+    """Other files, subfolders and broken links in an input folder: predicted around, counted and named."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("synth0000.jpg", "synth0001.jpg"):
+        (folder / name).write_bytes((data_root / "images" / name).read_bytes())
+    (folder / "notes.txt").write_text("x")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "synth0002.jpg").write_bytes((data_root / "images" / "synth0002.jpg").read_bytes())
+    (folder / "dead.jpg").symlink_to(tmp_path / "gone.jpg")
+    ckpt = tmp_path / "m.pth"
+    random_checkpoint(ckpt)
+    out = tmp_path / "out"
+    assert predict_main(["--ckpt_path", str(ckpt), "--input", str(folder), "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    expected = "warning: skipped 3 entries: dead.jpg (broken link), notes.txt (not jpg/jpeg/png/dcm), sub (folder)"
+    assert captured.err.splitlines() == [expected]
+    assert "2 image(s)" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["synth0000_mask.png", "synth0000_overlay.png",
+                                                     "synth0001_mask.png", "synth0001_overlay.png"]
+    for i in range(4):  # more than five: the first five and a count
+        (folder / f"z{i}.txt").write_text("x")
+    assert predict_main(["--ckpt_path", str(ckpt), "--input", str(folder), "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err.strip().endswith("z1.txt (not jpg/jpeg/png/dcm), ... (+2 more)")
+    (folder / "synth0000.jpg").unlink()
+    (folder / "synth0001.jpg").unlink()
+    msg = _one_line_error(capsys, ["--ckpt_path", str(ckpt), "--input", str(folder), "--out", str(out)])
+    assert msg.startswith(f"error: no jpg/jpeg/png/dcm files in folder {folder} (skipped 7 entries: dead.jpg")
+    dead = _one_line_error(capsys, ["--ckpt_path", str(ckpt), "--input", str(folder / "dead.jpg"), "--out", str(out)])
+    assert dead == f"error: input not found: {folder / 'dead.jpg'} is a broken link (to {tmp_path / 'gone.jpg'})"
+
+
+def bad_checkpoint(path: Path, kind: str) -> Path:
+    """Checkpoints that must be refused: not a dict, NaN weights, recorded flags for 0 levels, a code payload
+    pickled with protocol 4 (torch's safe unpickler stops at protocol 4's first opcode)."""
+    model = random_checkpoint(path)
+    sd = model.state_dict()
+    args = {"method": "gaze_sup", "num_levels": 2, "in_channels": 3, "data": "kvasir", "spatial_size": 32, **WIDTHS}
+    if kind == "list":
+        torch.save([sd], path)
+    elif kind == "tensor":
+        torch.save(next(iter(sd.values())), path)
+    elif kind == "nan":
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd["model.1.encoder.final_conv.weight"].fill_(float("nan"))
+        save_checkpoint(path, {"state_dict": sd, "args": args})
+    elif kind == "levels0":
+        save_checkpoint(path, {"state_dict": sd, "args": {**args, "num_levels": 0}})
+    elif kind == "payload4":
+        import pickle
+
+        class Payload:
+            def __reduce__(self):
+                return (os.mkdir, (str(path.parent / "pwned"),))
+
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": sd, "x": Payload()}, f, protocol=4)
+    return path
+
+
+CHECKPOINT_ERRORS = {"list": "holds a list, not a checkpoint",
+                     "tensor": "holds a Tensor, not a checkpoint",
+                     "nan": "refused: the weights are not finite (1 of 176 tensors; "
+                            "'model.1.encoder.final_conv.weight' holds NaN)",
+                     "levels0": "the recorded flag num_levels is 0, expected an integer >= 1",
+                     "payload4": "refused: holds objects other than tensors ("}
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_ERRORS))
+def test_bad_checkpoints_are_refused_by_predict_and_test(tmp_path, capsys, data_root, kind):
+    from models.checkpoint import CheckpointError
+
+    ckpt = bad_checkpoint(tmp_path / "bad.pth", kind)
+    before = ckpt.read_bytes()
+    out = tmp_path / "out"
+    msg = _one_line_error(capsys, ["--ckpt_path", str(ckpt), "--input", str(data_root / "images"), "--out", str(out)])
+    assert msg.startswith(f"error: {ckpt}: {CHECKPOINT_ERRORS[kind]}"), msg
+    with pytest.raises(CheckpointError) as err:  # run.py --test: the same error (run.py turns it into exit 2)
+        run.main(tiny_argv(data_root, tmp_path / "exp", "--test", "--ckpt_path", str(ckpt), "--quiet"))
+    assert str(err.value).startswith(f"{ckpt}: {CHECKPOINT_ERRORS[kind]}")
+    assert ckpt.read_bytes() == before and not out.exists() and not (tmp_path / "pwned").exists()
