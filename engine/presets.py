@@ -2,7 +2,6 @@
 names, `run_name` = the file's name). `python -m engine.presets` prints the README's table of them."""
 import fnmatch
 from pathlib import Path
-from typing import Dict, List
 
 import yaml
 
@@ -15,12 +14,12 @@ class PresetError(UserError):
     """A preset name, pattern or file that cannot be used."""
 
 
-def list_presets() -> List[str]:
+def list_presets() -> list[str]:
     """The shipped presets' names, sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def resolve_presets(items: List[str]) -> List[Path]:
+def resolve_presets(items: list[str]) -> list[Path]:
     """Preset files from names (`kvasir_gazesup`), shell patterns of names (`kvasir_*`) or YAML paths.
 
     Args:
@@ -28,7 +27,7 @@ def resolve_presets(items: List[str]) -> List[Path]:
     Returns:
         existing YAML files.
     """
-    paths: List[Path] = []
+    paths: list[Path] = []
     for item in items:
         path = Path(item)
         if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -43,7 +42,7 @@ def resolve_presets(items: List[str]) -> List[Path]:
     return paths
 
 
-def read_preset(path: Path) -> Dict:
+def read_preset(path: Path) -> dict:
     """The preset's flag values; `run_name` is required: it identifies the preset's runs in EXP."""
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
@@ -65,7 +64,7 @@ def description(path: Path) -> str:
     return ""
 
 
-def table_row(path: Path) -> List[str]:
+def table_row(path: Path) -> list[str]:
     """preset | data | pseudo-masks | levels (thresholds) | consistency | what it is | command."""
     from common.dataspec import load_spec
 

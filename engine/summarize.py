@@ -15,9 +15,9 @@ import math
 import os
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -49,19 +49,19 @@ class Run:
     path: Path
     data: str
     run_name: str
-    seed: Optional[int]
-    max_ite: Optional[int]
+    seed: int | None
+    max_ite: int | None
     status: str
     reason: str = ""
-    metrics: Optional[dict] = None
+    metrics: dict | None = None
     config: dict = field(default_factory=dict)
 
     @property
-    def key(self) -> Tuple[str, str]:
+    def key(self) -> tuple[str, str]:
         return self.data, self.run_name
 
 
-def last_logged_iteration(run_dir: Path) -> Optional[int]:
+def last_logged_iteration(run_dir: Path) -> int | None:
     """The last iteration in losses.csv (logged every --log_step), or None."""
     try:
         rows = list(csv.reader((run_dir / "losses.csv").read_text().splitlines()))
@@ -76,11 +76,11 @@ def read_run(run_dir: Path) -> Run:
     data = run_dir.parent.name
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError("not a mapping")
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        return Run(run_dir, data, _STAMP.sub("", run_dir.name), None, None, "unreadable",
-                   f"config.yaml: {' '.join(str(e).split())}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        config = f"config.yaml: {' '.join(str(e).split())}"
+    if not isinstance(config, dict):
+        why = config if isinstance(config, str) else "config.yaml: not a mapping of flags"
+        return Run(run_dir, data, _STAMP.sub("", run_dir.name), None, None, "unreadable", why)
     name = config.get("run_name") or _STAMP.sub("", run_dir.name)
     seed = config.get("seed")
     max_ite = config.get("max_ite")
@@ -109,11 +109,11 @@ def read_run(run_dir: Path) -> Run:
     return run
 
 
-def find_runs(exp: Path) -> List[Run]:
+def find_runs(exp: Path) -> list[Run]:
     """Every folder under `exp` holding a config.yaml, newest folder name last within a preset."""
     runs = [read_run(p.parent) for p in sorted(Path(exp).rglob("config.yaml"))]
     # keep one finished run per (data, run_name, seed): the newest; older finished copies are not averaged
-    newest: Dict[tuple, Run] = {}
+    newest: dict[tuple, Run] = {}
     for run in sorted(runs, key=lambda r: r.path.name):
         if run.status == "finished":
             k = (*run.key, run.seed)
@@ -125,7 +125,7 @@ def find_runs(exp: Path) -> List[Run]:
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; NaN for fewer than two values); NaN/None values dropped."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
@@ -133,7 +133,7 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan)
 
 
-def _get(d: Optional[dict], *keys):
+def _get(d: dict | None, *keys):
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -156,9 +156,9 @@ COLUMNS = {
 }
 
 
-def aggregate(runs: List[Run]) -> List[dict]:
+def aggregate(runs: list[Run]) -> list[dict]:
     """One row per (data, run_name) over its finished runs: n, seeds, mean and std of every column."""
-    groups: Dict[Tuple[str, str], List[Run]] = {}
+    groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         if run.status == "finished":
             groups.setdefault(run.key, []).append(run)
@@ -188,7 +188,7 @@ def _pm(row: dict, col: str, digits: int = 2) -> str:
     return _num(mean, digits) + (f" ± {_num(std, digits)}" if math.isfinite(std) else "")
 
 
-def markdown_table(rows: List[dict]) -> str:
+def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (mean ± sample std over seeds)."""
     head = ["data", "preset", "n", "seeds", "final Dice %", "best Dice %", "best selected on", "final IoU %",
             "best IoU %", "final HD95 px", "train min", "card"]
@@ -201,7 +201,7 @@ def markdown_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def not_averaged_table(runs: List[Run], exp: Path) -> str:
+def not_averaged_table(runs: list[Run], exp: Path) -> str:
     rest = [r for r in runs if r.status not in ("finished", "evaluation")]
     if not rest:
         return ""
@@ -212,13 +212,13 @@ def not_averaged_table(runs: List[Run], exp: Path) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(rows: List[dict], runs: List[Run], exp: Path) -> str:
-    parts = [f"# Summary of {exp}", "",
-             "Mean ± sample standard deviation (ddof=1) over seeds, finished runs only. *final*: the test metrics "
-             "after the last iteration. *best*: the test metrics of the checkpoint selected during training "
-             "(`model_best.pth`) on the split in *best selected on*: `test` as in the paper, `val` for runs with "
-             "`--val_fraction`. HD95 is computed at the last iteration only. *train min*: `train_seconds` of "
-             "metrics.json.", "", markdown_table(rows)]
+def summary_markdown(rows: list[dict], runs: list[Run], exp: Path) -> str:
+    legend = ("Mean ± sample standard deviation (ddof=1) over seeds, finished runs only. *final*: the test metrics "
+              "after the last iteration. *best*: the test metrics of the checkpoint selected during training "
+              "(`model_best.pth`) on the split in *best selected on*: `test` as in the paper, `val` for runs with "
+              "`--val_fraction`. HD95 is computed at the last iteration only. *train min*: `train_seconds` of "
+              "metrics.json.")
+    parts = [f"# Summary of {exp}", "", legend, "", markdown_table(rows)]
     rest = not_averaged_table(runs, exp)
     if rest:
         parts += ["", "## Not averaged", "", rest]
@@ -228,7 +228,7 @@ def summary_markdown(rows: List[dict], runs: List[Run], exp: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def summary_csv(rows: List[dict]) -> str:
+def summary_csv(rows: list[dict]) -> str:
     """Machine-readable rows: numbers at full precision (Dice/IoU in %, HD95 in px, time in minutes)."""
     keys = ["data", "preset", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
     keys += [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")] + ["card"]
@@ -240,7 +240,7 @@ def summary_csv(rows: List[dict]) -> str:
     return out.getvalue()
 
 
-def runs_csv(runs: List[Run], exp: Path) -> str:
+def runs_csv(runs: list[Run], exp: Path) -> str:
     """Every run folder with its status and its own final / best Dice."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -253,7 +253,7 @@ def runs_csv(runs: List[Run], exp: Path) -> str:
     return out.getvalue()
 
 
-def curve(run: Run) -> Dict[int, float]:
+def curve(run: Run) -> dict[int, float]:
     """iteration -> test Dice (%) from the run's evaluation history."""
     points = {}
     for h in run.metrics.get("history") or []:
@@ -263,14 +263,14 @@ def curve(run: Run) -> Dict[int, float]:
     return points
 
 
-def plot_curves(runs: List[Run], path: Path) -> None:
+def plot_curves(runs: list[Run], path: Path) -> None:
     """Test Dice against iteration, one subplot per dataset, one line (mean over seeds) per preset, and a
     band from the seeds' minimum to maximum, at the iterations every seed evaluated."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: Dict[Tuple[str, str], List[Dict[int, float]]] = {}
+    groups: dict[tuple[str, str], list[dict[int, float]]] = {}
     for run in runs:
         if run.status == "finished":
             groups.setdefault(run.key, []).append(curve(run))
@@ -306,7 +306,7 @@ def plot_curves(runs: List[Run], path: Path) -> None:
             tmp.unlink()
 
 
-def summarize(exp: Path, out: Optional[Path] = None, plot: bool = True) -> Tuple[List[dict], List[Run]]:
+def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[list[dict], list[Run]]:
     """Write summary.csv, summary.md, runs.csv and curves.png for every run under `exp` into `out` (default
     `exp`); return the aggregated rows and the runs."""
     exp = Path(exp)
@@ -330,7 +330,7 @@ def summarize(exp: Path, out: Optional[Path] = None, plot: bool = True) -> Tuple
     return rows, runs
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
                 "summary.md, runs.csv and curves.png (mean ± sample std over seeds; unfinished runs listed apart).")
     p.add_argument("exp_path", help="the --exp_path of the runs (searched recursively for run folders)")

@@ -21,13 +21,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from common.errors import UserError
 from engine.presets import read_preset, resolve_presets
 from engine.summarize import Run, read_run
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+OWNED_FLAGS = {"--config", "--seed", "--exp_path", "--run_name", "--resume", "--ckpt_path", "--test", "--data"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +42,7 @@ class Job:
     run_name: str
     data: str        # the run folder's <data> component (the dataset spec's name)
     seed: int
-    root: Optional[str]
+    root: str | None
 
     @property
     def label(self) -> str:
@@ -54,11 +54,11 @@ class Outcome:
     job: Job
     action: str      # skip | start | resume
     status: str      # finished | failed (rc N) | interrupted | planned
-    run_dir: Optional[Path] = None
-    log: Optional[Path] = None
+    run_dir: Path | None = None
+    log: Path | None = None
 
 
-def _seeds(text: str) -> List[int]:
+def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
@@ -68,9 +68,9 @@ def _seeds(text: str) -> List[int]:
     return seeds
 
 
-def _roots(items: List[str]) -> Dict[Optional[str], str]:
+def _roots(items: list[str]) -> dict[str | None, str]:
     """`--root PATH` (every dataset) and/or `--root NAME=PATH` (the presets of dataset NAME)."""
-    roots: Dict[Optional[str], str] = {}
+    roots: dict[str | None, str] = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         key, value = (name, path) if sep and name and "/" not in name else (None, item)
@@ -80,11 +80,11 @@ def _roots(items: List[str]) -> Dict[Optional[str], str]:
     return roots
 
 
-def make_jobs(presets: List[Path], seeds: List[int], roots: Dict[Optional[str], str]) -> List[Job]:
+def make_jobs(presets: list[Path], seeds: list[int], roots: dict[str | None, str]) -> list[Job]:
     """Every preset at every seed, seed-major (a first complete table after the first seed)."""
     from common.dataspec import load_spec
 
-    specs: List[Tuple[Path, str, str]] = []
+    specs: list[tuple[Path, str, str]] = []
     names = {}
     for path in presets:
         values = read_preset(path)
@@ -102,7 +102,7 @@ def make_jobs(presets: List[Path], seeds: List[int], roots: Dict[Optional[str], 
     return jobs
 
 
-def existing_runs(exp: Path, job: Job) -> List[Run]:
+def existing_runs(exp: Path, job: Job) -> list[Run]:
     """The job's run folders in EXP (same data, run_name and seed; --test folders excluded), oldest first."""
     base = exp / str(job.seed) / job.data
     if not base.is_dir():
@@ -111,7 +111,7 @@ def existing_runs(exp: Path, job: Job) -> List[Run]:
     return [r for r in runs if r.run_name == job.run_name and r.seed == job.seed and r.status != "evaluation"]
 
 
-def plan(exp: Path, job: Job) -> Tuple[str, Optional[Path]]:
+def plan(exp: Path, job: Job) -> tuple[str, Path | None]:
     """skip (a finished run exists), resume (the newest unfinished run with model_latest.pth) or start."""
     runs = existing_runs(exp, job)
     for run in runs:
@@ -123,7 +123,7 @@ def plan(exp: Path, job: Job) -> Tuple[str, Optional[Path]]:
     return "start", None
 
 
-def command(exp: Path, job: Job, action: str, run_dir: Optional[Path], extra: List[str]) -> List[str]:
+def command(exp: Path, job: Job, action: str, run_dir: Path | None, extra: list[str]) -> list[str]:
     """The child's command line: a new run from the preset, or a resume of `run_dir` in place."""
     if action == "resume":  # the run's own config.yaml and checkpoint are the truth; nothing else is passed
         return [sys.executable, str(RUN_PY), "--resume", "--ckpt_path", str(run_dir)]
@@ -137,14 +137,14 @@ def command(exp: Path, job: Job, action: str, run_dir: Optional[Path], extra: Li
 class Sweep:
     """Runs jobs from a queue, one worker thread (and one child at a time) per GPU slot."""
 
-    def __init__(self, exp: Path, jobs: List[Job], extra: List[str], gpus: Optional[List[str]]):
+    def __init__(self, exp: Path, jobs: list[Job], extra: list[str], gpus: list[str] | None):
         self.exp, self.extra, self.gpus = exp, extra, gpus
-        self.todo: "queue.Queue[Job]" = queue.Queue()
+        self.todo: queue.Queue[Job] = queue.Queue()
         for job in jobs:
             self.todo.put(job)
-        self.outcomes: List[Outcome] = []
+        self.outcomes: list[Outcome] = []
         self.stop = threading.Event()
-        self.children: Dict[int, subprocess.Popen] = {}
+        self.children: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
 
     def say(self, text: str) -> None:
@@ -156,7 +156,7 @@ class Sweep:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def run_job(self, job: Job, gpu: Optional[str]) -> Outcome:
+    def run_job(self, job: Job, gpu: str | None) -> Outcome:
         action, run_dir = plan(self.exp, job)
         if action == "skip":
             self.say(f"{job.label}: finished in {run_dir}, skipped")
@@ -194,11 +194,11 @@ class Sweep:
         self.say(f"{job.label}: {status}" + ("" if status == "finished" else f"; see {log}"))
         return Outcome(job, action, status, run_dir, log)
 
-    def _newest(self, job: Job) -> Optional[Path]:
+    def _newest(self, job: Job) -> Path | None:
         runs = existing_runs(self.exp, job)
         return runs[-1].path if runs else None
 
-    def worker(self, gpu: Optional[str]) -> None:
+    def worker(self, gpu: str | None) -> None:
         while not self.stop.is_set():
             try:
                 job = self.todo.get_nowait()
@@ -222,7 +222,7 @@ class Sweep:
         for child in children:
             child.send_signal(signal.SIGTERM)
 
-    def run(self) -> List[Outcome]:
+    def run(self) -> list[Outcome]:
         slots = self.gpus or [None]
         threads = [threading.Thread(target=self.worker, args=(g,), daemon=True) for g in slots]
         old = {}
@@ -241,7 +241,7 @@ class Sweep:
         return self.outcomes
 
 
-def report(outcomes: List[Outcome], jobs: List[Job]) -> str:
+def report(outcomes: list[Outcome], jobs: list[Job]) -> str:
     done = {(o.job.data, o.job.run_name, o.job.seed): o for o in outcomes}
     lines = [f"{'run':<48} {'action':<7} {'status':<22} folder / log"]
     for job in jobs:
@@ -254,10 +254,10 @@ def report(outcomes: List[Outcome], jobs: List[Job]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every run finished, 1 when one failed, 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
+    extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
@@ -278,6 +278,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = sorted({j.data for j in jobs if j.root is None})
     if missing and "--root" not in extra:
         raise UserError(f"--root is missing for {', '.join(missing)}: give --root PATH or --root NAME=PATH")
+    owned = sorted(set(extra) & OWNED_FLAGS)
+    if owned:
+        raise UserError(f"flags after `--` must not set {', '.join(owned)}: the sweep sets them (they identify a run)")
     gpus = [g for g in args.gpus.replace(" ", "").split(",") if g] if args.gpus else None
     if args.dry_run:
         for job in jobs:

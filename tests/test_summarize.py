@@ -2,6 +2,7 @@
 losses.csv) with known numbers; the summary must equal a direct computation from them."""
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def write_run(exp: Path, name: str, seed: int, stamp: str, *, max_ite: int = 6, 
     return run
 
 
-def metrics(dice: float, iou: float, hd95: float = None) -> dict:
+def metrics(dice: float, iou: float, hd95: float | None = None) -> dict:
     out = {"mdice": dice, "miou": iou, "num_images": 4}
     if hd95 is not None:
         out["mhd95"] = hd95
@@ -111,7 +112,7 @@ def test_curve_points_are_the_history():
 def test_mean_std_is_sample_std():
     assert summarize.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(statistics.stdev([1, 2, 4])))
     mean, std = summarize.mean_std([3.0])
-    assert mean == 3.0 and std != std  # NaN: no spread from one seed
+    assert mean == 3.0 and math.isnan(std)  #: no spread from one seed
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

@@ -88,7 +88,7 @@ def test_sweep_interrupted_and_rerun_finishes_each_run_once(tmp_path, capsys):
     # depends on `run.py --resume --ckpt_path RUN` continuing in RUN (helper A): one folder per run
     assert all(len(folders) == 1 for folders in second.values()), second
     assert second[("tinyA", 0)] == [interrupted]
-    for (name, seed), (folder,) in second.items():
+    for (folder,) in second.values():
         m = json.loads((folder / "metrics.json").read_text())
         assert m["final_iteration"] == MAX_ITE, folder
     iterations = [int(line.split(",")[0]) for line in (interrupted / "losses.csv").read_text().splitlines()[1:]]
@@ -131,10 +131,11 @@ def test_dry_run_plans_without_running(tmp_path, capsys):
     (["--presets", "kvasir_gazesup", "--seeds", "0,x"], "--seeds '0,x'"),
     (["--presets", "kvasir_gazesup", "prostate_gazesup", "--root", "kvasir=K"], "--root is missing for prostate"),
     (["--seeds", "0"], "--presets"),
+    (["--presets", "kvasir_gazesup", "--root", "K", "--", "--seed", "3"], "must not set --seed"),
 ])
 def test_user_errors(argv, match, tmp_path):
     with pytest.raises(UserError, match=re.escape(match)):
-        sweep.main(argv + ["--exp_path", str(tmp_path / "exp")])
+        sweep.main(["--exp_path", str(tmp_path / "exp"), *argv])
     assert not (tmp_path / "exp").exists()
 
 
