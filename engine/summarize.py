@@ -125,8 +125,9 @@ def find_runs(exp: Path) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; NaN for fewer than two values); NaN/None values dropped."""
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for fewer than two values) of the finite values
+    (None and NaN, e.g. an undefined HD95, are left out; the table says over how many runs)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
         return math.nan, math.nan
@@ -171,7 +172,9 @@ def aggregate(runs: list[Run]) -> list[dict]:
                "final_iteration": " ".join(sorted({str(r.metrics["final_iteration"]) for r in group})),
                "card": "; ".join(sorted({str(r.metrics.get("device", "?")) for r in group}))}
         for col, (_, read) in COLUMNS.items():
-            row[f"{col}_mean"], row[f"{col}_std"] = mean_std([read(r.metrics) for r in group])
+            values = [read(r.metrics) for r in group]
+            row[f"{col}_mean"], row[f"{col}_std"] = mean_std(values)
+            row[f"{col}_n"] = sum(v is not None and math.isfinite(float(v)) for v in values)
         rows.append(row)
     return rows
 
@@ -185,7 +188,9 @@ def _pm(row: dict, col: str, digits: int = 2) -> str:
     mean, std = row[f"{col}_mean"], row[f"{col}_std"]
     if not math.isfinite(mean):
         return "-"
-    return _num(mean, digits) + (f" ± {_num(std, digits)}" if math.isfinite(std) else "")
+    text = _num(mean, digits) + (f" ± {_num(std, digits)}" if math.isfinite(std) else "")
+    # a metric some runs lack (HD95 is undefined for an empty prediction) says over how many it is taken
+    return text + (f" ({row[f'{col}_n']} of {row['n']})" if row[f"{col}_n"] < row["n"] else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -231,7 +236,7 @@ def summary_markdown(rows: list[dict], runs: list[Run], exp: Path) -> str:
 def summary_csv(rows: list[dict]) -> str:
     """Machine-readable rows: numbers at full precision (Dice/IoU in %, HD95 in px, time in minutes)."""
     keys = ["data", "preset", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
-    keys += [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")] + ["card"]
+    keys += [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std", "n")] + ["card"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(keys)

@@ -57,6 +57,10 @@ def exp(tmp_path) -> Path:
     write_run(exp, "presetB", 1, "20260101-000000")  # no metrics.json: interrupted
     write_run(exp, "presetB", 2, "20260101-000000", final=dict(metrics(0.9, 0.8, 1.0), final_iteration=4),
               best=dict(metrics(0.9, 0.8), iteration=4))
+    # preset C: HD95 undefined (null in metrics.json) for one of two seeds
+    for seed, hd in ((0, 7.0), (1, None)):
+        write_run(exp, "presetC", seed, "20260101-000000", final=dict(metrics(0.6, 0.5), mhd95=hd),
+                  best=dict(metrics(0.6, 0.5), iteration=6))
     # an older finished copy of presetA seed 0 (a rerun): listed as a duplicate, not averaged twice
     write_run(exp, "presetA", 0, "20251231-000000", final=metrics(0.1, 0.1, 50.0),
               best=dict(metrics(0.1, 0.1), iteration=2))
@@ -73,7 +77,7 @@ def read_csv(path: Path) -> list:
 def test_summary_equals_a_direct_computation(exp, capsys):
     assert summarize.main([str(exp)]) == 0
     rows = {r["preset"]: r for r in read_csv(exp / "summary.csv")}
-    assert set(rows) == {"presetA", "presetB"}
+    assert set(rows) == {"presetA", "presetB", "presetC"}
     a = rows["presetA"]
     assert a["n"] == "3" and a["seeds"] == "0 1 2" and a["selected_on"] == "test"
     for col, values in {"final_dice": [70, 64, 77], "best_dice": [74, 69, 78], "final_iou": [55, 50, 61],
@@ -84,7 +88,11 @@ def test_summary_equals_a_direct_computation(exp, capsys):
     assert b["n"] == "1" and b["seeds"] == "0" and b["selected_on"] == "val"
     assert float(b["final_dice_mean"]) == pytest.approx(50) and b["final_dice_std"] == ""
 
+    c = rows["presetC"]
+    assert (float(c["final_hd95_mean"]), c["final_hd95_std"], c["final_hd95_n"], c["n"]) == (7.0, "", "1", "2")
+
     md = (exp / "summary.md").read_text()
+    assert "| 7.00 (1 of 2) |" in md
     assert "| kvasir | presetA | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
     not_averaged = md.split("## Not averaged")[1]
     assert "| presetB | 1 | unfinished | no metrics.json; last logged iteration 4, no checkpoint |" in not_averaged
