@@ -6,7 +6,7 @@
 
 A run is identified by (dataset, run_name, seed): its folder EXP/<seed>/<data>/<run_name>_<timestamp>/. A run
 whose metrics.json reached max_ite is skipped; an interrupted one (model_latest.pth, no metrics.json) is
-resumed in its folder with `run.py --resume --ckpt_path RUN`; otherwise a new run starts. Each child's output
+resumed in its folder with `run.py --resume --ckpt_path RUN` (plus --root, and --device 0 under --gpus); otherwise a new run starts. Each child's output
 goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is reported and the others go on.
 Ctrl-C / SIGTERM: the running children get one SIGTERM (they save model_latest.pth and stop), no new child
 starts; running the same command again continues.
@@ -123,15 +123,21 @@ def plan(exp: Path, job: Job) -> tuple[str, Path | None]:
     return "start", None
 
 
-def command(exp: Path, job: Job, action: str, run_dir: Path | None, extra: list[str]) -> list[str]:
-    """The child's command line: a new run from the preset, or a resume of `run_dir` in place."""
-    if action == "resume":  # the run's own config.yaml and checkpoint are the truth; nothing else is passed
-        return [sys.executable, str(RUN_PY), "--resume", "--ckpt_path", str(run_dir)]
-    cmd = [sys.executable, str(RUN_PY), "--config", str(job.preset), "--seed", str(job.seed),
-           "--exp_path", str(exp), "--quiet"]
+def command(exp: Path, job: Job, action: str, run_dir: Path | None, extra: list[str],
+            on_gpu: bool = False) -> list[str]:
+    """The child's command line: a new run from the preset, or a resume of `run_dir` in place.
+
+    Args:
+        on_gpu: the child sees one GPU (CUDA_VISIBLE_DEVICES), so it is told `--device 0`.
+    """
+    # a resumed run's config.yaml and checkpoint are the truth; only the data folder and device may change
+    cmd = [sys.executable, str(RUN_PY)] + (["--resume", "--ckpt_path", str(run_dir)] if action == "resume" else [
+        "--config", str(job.preset), "--seed", str(job.seed), "--exp_path", str(exp), "--quiet"])
     if job.root:
         cmd += ["--root", job.root]
-    return cmd + list(extra)
+    if on_gpu:
+        cmd += ["--device", "0"]
+    return cmd + (list(extra) if action == "start" else [])
 
 
 class Sweep:
@@ -161,7 +167,7 @@ class Sweep:
         if action == "skip":
             self.say(f"{job.label}: finished in {run_dir}, skipped")
             return Outcome(job, action, "finished", run_dir)
-        cmd = command(self.exp, job, action, run_dir, self.extra)
+        cmd = command(self.exp, job, action, run_dir, self.extra, gpu is not None)
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for job in jobs:
             action, run_dir = plan(exp, job)
-            shown = run_dir if action == "skip" else " ".join(command(exp, job, action, run_dir, extra))
+            shown = run_dir if action == "skip" else " ".join(command(exp, job, action, run_dir, extra, bool(gpus)))
             print(f"{job.label}: {action} {shown}")
         return 0
     try:

@@ -118,11 +118,17 @@ def test_dry_run_plans_without_running(tmp_path, capsys):
     done.mkdir(parents=True)
     (done / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 1, "max_ite": MAX_ITE}))
     (done / "metrics.json").write_text(json.dumps({"final_iteration": MAX_ITE, "final": {"mdice": 0.5}}))
-    assert sweep.main(["--presets", str(preset), "--seeds", "0,1", "--root", "R", "--exp_path", str(exp),
-                       "--dry_run", "--", "--num_worker", "2"]) == 0
+    stopped = exp / "2" / "kvasir" / "tinyA_20260101-000000"
+    stopped.mkdir(parents=True)
+    (stopped / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 2, "max_ite": MAX_ITE}))
+    (stopped / "model_latest.pth").write_bytes(b"")
+    assert sweep.main(["--presets", str(preset), "--seeds", "0,1,2", "--root", "R", "--exp_path", str(exp),
+                       "--dry_run", "--gpus", "3", "--", "--num_worker", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("kvasir/tinyA seed 0: start ") and out[0].endswith("--root R --num_worker 2")
+    assert out[0].startswith("kvasir/tinyA seed 0: start ")
+    assert out[0].endswith(f"--config {preset} --seed 0 --exp_path {exp} --quiet --root R --device 0 --num_worker 2")
     assert out[1] == f"kvasir/tinyA seed 1: skip {done}"
+    assert out[2].endswith(f"run.py --resume --ckpt_path {stopped} --root R --device 0")  # its own recorded flags
     assert not (exp / "0").exists()
 
 
