@@ -15,6 +15,7 @@ import argparse
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.files import write_text_atomic
 from engine.presets import read_preset, resolve_presets
 from engine.summarize import Run, read_run
 
@@ -247,6 +249,45 @@ class Sweep:
         return self.outcomes
 
 
+class SweepLock:
+    """EXP/.sweep.lock: one sweep per EXP at a time (two would resume the same run twice). A lock left by a
+    sweep that no longer runs on this machine is taken over."""
+
+    def __init__(self, exp: Path):
+        self.path = exp / ".sweep.lock"
+        self.me = f"{socket.gethostname()} {os.getpid()}"
+
+    def held_by_other(self) -> str | None:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return None
+        if host != socket.gethostname():
+            return f"{host} (pid {pid})"
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None  # stale: that sweep is gone
+        except (PermissionError, ValueError):
+            pass
+        return None if int(pid) == os.getpid() else f"pid {pid}"
+
+    def __enter__(self):
+        other = self.held_by_other()
+        if other:
+            raise UserError(f"another sweep ({other}) is running in {self.path.parent}; wait for it, or delete "
+                            f"{self.path} if it is gone")
+        write_text_atomic(self.path, self.me)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.path.read_text() == self.me:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
 def report(outcomes: list[Outcome], jobs: list[Job]) -> str:
     done = {(o.job.data, o.job.run_name, o.job.seed): o for o in outcomes}
     lines = [f"{'run':<48} {'action':<7} {'status':<22} folder / log"]
@@ -299,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         raise UserError(f"cannot create --exp_path {exp}: {e}") from None
     sweep = Sweep(exp, jobs, extra, gpus)
-    print(f"sweep: {len(jobs)} runs ({len(jobs) // len(_seeds(args.seeds))} presets x {len(_seeds(args.seeds))} "
-          f"seeds) in {exp}" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
-    outcomes = sweep.run()
+    seeds = _seeds(args.seeds)
+    print(f"sweep: {len(jobs)} runs ({len(jobs) // len(seeds)} presets x {len(seeds)} seeds) in {exp}"
+          + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
+    with SweepLock(exp):
+        outcomes = sweep.run()
     print(report(outcomes, jobs), flush=True)
     if sweep.stop.is_set():
         return 130

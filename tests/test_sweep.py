@@ -148,3 +148,25 @@ def test_user_errors(argv, match, tmp_path):
 def test_presets_by_name_and_pattern():
     names = [p.stem for p in sweep.resolve_presets(["kvasir_box*", "kvasir_gazesup", "kvasir_box"])]
     assert names == ["kvasir_box", "kvasir_box_crf", "kvasir_gazesup"]
+
+
+def test_one_sweep_per_exp(tmp_path, capsys):
+    """A live sweep's lock refuses a second sweep; a stale lock (its process is gone) is taken over."""
+    import socket
+
+    preset = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp = tmp_path / "exp"
+    done = exp / "0" / "kvasir" / "tinyA_20260101-000000"
+    done.mkdir(parents=True)
+    (done / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 0, "max_ite": MAX_ITE}))
+    (done / "metrics.json").write_text(json.dumps({"final_iteration": MAX_ITE, "final": {"mdice": 0.5}}))
+    argv = ["--presets", str(preset), "--seeds", "0", "--root", "R", "--exp_path", str(exp)]
+    lock = exp / ".sweep.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process
+    with pytest.raises(UserError, match="another sweep"):
+        sweep.main(argv)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}")
+    assert sweep.main(argv) == 0  # everything finished: nothing starts
+    assert "skipped" in capsys.readouterr().out and not lock.exists()
