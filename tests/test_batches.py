@@ -73,10 +73,11 @@ def test_cosine_schedule_matches_the_formula():
     args = SimpleNamespace(lr=1e-2, lr_min=1e-4, lr_scheduler="cos", warmup_ite=0)
     total = 15000 // 110 + 1
     for epoch in (1, 2, 68, total):
-        expected = 1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * epoch / total))
+        counter = max(epoch - 1, 1)  # the authors' loop: epochs 1 and 2 at lr(1), epoch k at lr(k - 1)
+        expected = 1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * counter / total))
         assert lr_at_epoch(args, epoch, total) == pytest.approx(expected, rel=1e-12)
     args.warmup_ite = 5
-    assert lr_at_epoch(args, 2, total) == pytest.approx(1e-2 * 2 / 5)
+    assert lr_at_epoch(args, 3, total) == pytest.approx(1e-2 * 2 / 5)
     args.lr_scheduler = "none"
     assert lr_at_epoch(args, 7, total) == 1e-2
 
