@@ -9,8 +9,8 @@ state, so it is left out here.
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class Convolution(nn.Sequential):

@@ -4,10 +4,10 @@ import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from models.basic_unet import BasicUNet
-from models.feature_propagation import feature_propagation
+from models.feature_propagation import PROPAGATIONS, Propagation, propagation_function
 
 PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
 
@@ -51,6 +51,8 @@ class MultiLevelNet(nn.Module):
     Args:
         num_levels: number of supervision levels N.
         in_channels, features, feat_dim, num_groups: as SegNet.
+        propagation: the feature propagation implementation, "torch" or "triton" (see
+            models.feature_propagation.propagation_function), or a callable of the same contract.
     """
 
     def __init__(
@@ -60,16 +62,23 @@ class MultiLevelNet(nn.Module):
         features: Sequence[int] = PAPER_FEATURES,
         feat_dim: int = 128,
         num_groups: int = 4,
+        propagation: "str | Propagation" = "torch",
     ):
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"MultiLevelNet: num_levels must be >= 1, got {num_levels}")
+        # resolved here, so an unusable choice fails when the model is built, not at the first step
+        self.propagate_fn = propagation_function(propagation)
+        self.propagation = propagation if isinstance(propagation, str) else getattr(propagation, "__name__", "custom")
         first = SegNet(in_channels, features, feat_dim, num_groups)
         self.model = nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(num_levels - 1)])
 
     @property
     def num_levels(self) -> int:
         return len(self.model)
+
+    def extra_repr(self) -> str:
+        return f"propagation={self.propagation}"
 
     def forward(self, x: torch.Tensor, propagate: bool = True) -> dict[str, torch.Tensor]:
         """Run every level on x.
@@ -88,7 +97,7 @@ class MultiLevelNet(nn.Module):
             out[f"logits_{i}"] = level["logits"]
             out[f"feature_{i}"] = level["feature"]
             if propagate:
-                out[f"feature_prop_{i}"] = feature_propagation(level["feature"])
+                out[f"feature_prop_{i}"] = self.propagate_fn(level["feature"])
                 out[f"logits_prop_{i}"] = net.classifier(out[f"feature_prop_{i}"])
         out["logits"] = torch.stack([out[f"logits_{i}"] for i in range(1, self.num_levels + 1)]).mean(0)
         return out
@@ -101,11 +110,25 @@ def build_model(
     features: Sequence[int] = PAPER_FEATURES,
     feat_dim: int = 128,
     num_groups: int = 4,
+    propagation: "str | Propagation" = "torch",
 ) -> nn.Module:
-    """"gaze_sup" -> MultiLevelNet(num_levels), "full_sup" -> SegNet; both return dicts with "logits"."""
+    """"gaze_sup" -> MultiLevelNet(num_levels), "full_sup" -> SegNet; both return dicts with "logits".
+
+    Args:
+        method: "gaze_sup" or "full_sup".
+        num_levels, in_channels, features, feat_dim, num_groups: as MultiLevelNet / SegNet.
+        propagation: feature propagation for gaze_sup's consistency loss: "torch" (default, any device),
+            "triton" (fused kernels, CUDA only) or a callable. It changes no weights: a checkpoint trained
+            with one loads into a model built with the other, and evaluation (propagate=False) never calls
+            it, so testing and prediction can always build with the default. full_sup checks the name only.
+    Raises:
+        UserError: an unknown propagation name, or "triton" without triton or a CUDA device.
+    """
     if method == "gaze_sup":
-        return MultiLevelNet(num_levels, in_channels, features, feat_dim, num_groups)
+        return MultiLevelNet(num_levels, in_channels, features, feat_dim, num_groups, propagation)
     if method == "full_sup":
+        if isinstance(propagation, str) and propagation not in PROPAGATIONS:
+            propagation_function(propagation)  # the same error as gaze_sup's
         return SegNet(in_channels, features, feat_dim, num_groups)
     raise ValueError(f"build_model: unknown method {method!r}; expected 'gaze_sup' or 'full_sup'")
 

@@ -1,13 +1,13 @@
 """Training-step speed and memory of GazeSup against the paper's unfold/einsum feature propagation,
 measured on the same device in one run, plus test-set evaluation time.
 
-A step is forward + gaze_sup_loss + backward + SGD step. "ours" is the model as built by
-build_model; "reference" is the same model (same weights) with its feature propagation replaced by
-the paper's formulation, written below; "triton" (CUDA only) swaps in the fused Triton kernels
-(models.feature_propagation.feature_propagation_triton); "none" leaves the propagation out (identity),
-so a step minus the "none" step is what the propagation costs inside the step. Each variant
-(amp / channels_last / compile / optimizer implementation) measures all of them, so their ratios
-come from one run on one card. The propagation alone (forward + backward) is timed too.
+A step is forward + gaze_sup_loss + backward + SGD step. Every implementation is selected through
+build_model's `propagation` argument, with the same weights: "ours" is propagation="torch" (the
+default), "triton" (CUDA only) is propagation="triton" (the fused kernels of
+models/feature_propagation_triton.py), "reference" passes the paper's unfold/einsum formulation (written
+below) and "none" the identity, so a step minus the "none" step is what the propagation costs inside
+the step. Each variant (amp / channels_last / compile / optimizer implementation) measures all of them,
+so their ratios come from one run on one card. The propagation alone (forward + backward) is timed too.
 
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the allocator's peak, replayed from
 torch.profiler's allocation events (no allocator rounding or library workspaces, as on a GPU).
@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.segmentation_net as segmentation_net  # noqa: E402
-from losses import gaze_sup_loss  # noqa: E402
-from models.feature_propagation import feature_propagation_triton  # noqa: E402
+from losses import gaze_sup_loss
+from models.feature_propagation import Propagation, propagation_function
+from models.memory import CpuPeakBytes, saved_tensor_bytes, storage_bytes
+from models.segmentation_net import build_model
 
 ALL_VARIANTS = "fp32,fp32+cl+fused,bf16,bf16+cl,bf16+cl+fused,bf16+cl+fused+compile"
 TOKENS = {"fp32", "bf16", "cl", "foreach", "fused", "compile"}
@@ -59,19 +60,14 @@ def no_propagation(feature: torch.Tensor) -> torch.Tensor:
     return feature
 
 
-IMPLS = {"ours": segmentation_net.feature_propagation, "triton": feature_propagation_triton,
-         "reference": unfold_propagation, "none": no_propagation}
+# what each --impls name passes to build_model(propagation=...): a name of the model's own, or a callable
+IMPLS: dict[str, str | Propagation] = {"ours": "torch", "triton": "triton", "reference": unfold_propagation,
+                                       "none": no_propagation}
 
 
-@contextlib.contextmanager
-def propagation(impl: str):
-    """Run the model with impl's propagation function ('ours' is the model's own)."""
-    original = segmentation_net.feature_propagation
-    segmentation_net.feature_propagation = IMPLS[impl]
-    try:
-        yield
-    finally:
-        segmentation_net.feature_propagation = original
+def gaze_model(args, impl: str) -> torch.nn.Module:
+    """The benchmarked gaze_sup model with impl's propagation (on the current default device)."""
+    return build_model("gaze_sup", args.num_levels, 3, args.features, args.feat_dim, propagation=IMPLS[impl])
 
 
 def parse_variant(spec: str) -> set[str]:
@@ -123,53 +119,11 @@ def time_ms(fn, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def saved_tensor_bytes(model, x: torch.Tensor, amp: bool) -> int:
-    """Exact bytes autograd keeps for the backward pass of one forward (distinct storages)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, amp):
-        model(x)
-    return sum(storages.values())
-
-
-class CpuPeakBytes:
-    """Context manager: peak CPU bytes allocated inside it, above `base` (what was alive before), replayed
-    from torch.profiler's allocation events (allocator level, exact). The CPU stand-in for
-    torch.cuda.max_memory_allocated."""
-
-    def __init__(self, base: int = 0):
-        self.base = self.peak = base
-        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-
-    def __enter__(self):
-        self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._prof.__exit__(*exc)
-        events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        live = self.base
-        for _, nbytes in events:  # negative for frees
-            live += nbytes
-            self.peak = max(self.peak, live)
-        return False
-
-
-def storage_bytes(*tensors: torch.Tensor) -> int:
-    """Bytes of the distinct storages behind tensors."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
 def step_tflop(args) -> dict:
     """Convolution/matmul TFLOP of one training step (forward + backward), counted on the meta device.
     The propagation is left out: it is elementwise (~2.6 GFLOP at the paper setting)."""
-    with torch.device("meta"), propagation("none"):
-        model = segmentation_net.build_model("gaze_sup", args.num_levels, 3, args.features, args.feat_dim)
+    with torch.device("meta"):
+        model = gaze_model(args, "none")
         x = torch.randn(args.batch_size, 3, args.spatial_size, args.spatial_size)
         masks = [torch.rand(args.batch_size, 1, args.spatial_size, args.spatial_size)] * args.num_levels
         counter = FlopCounterMode(display=False)
@@ -196,9 +150,9 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def make_model(args, tokens: set[str], device: torch.device):
+def make_model(args, tokens: set[str], device: torch.device, impl: str = "ours"):
     torch.manual_seed(args.seed)  # the same weights for every variant and implementation
-    model = segmentation_net.build_model("gaze_sup", args.num_levels, 3, args.features, args.feat_dim).to(device)
+    model = gaze_model(args, impl).to(device)
     if "cl" in tokens:
         model = model.to(memory_format=torch.channels_last)
     kwargs = {"foreach": True} if "foreach" in tokens else {"fused": True} if "fused" in tokens else {}
@@ -222,46 +176,46 @@ def bench_train(args, variant: str, impl: str, device: torch.device) -> dict:
     """ms per training step, peak memory and saved-activation bytes of one (variant, impl)."""
     tokens = parse_variant(variant)
     amp = "bf16" in tokens
-    with propagation(impl):
-        model, optimizer = make_model(args, tokens, device)
-        x, masks = make_batch(args, tokens, device)
-        saved = saved_tensor_bytes(model, x, amp)
-        step_model = torch.compile(model) if "compile" in tokens else model
+    model, optimizer = make_model(args, tokens, device, impl)
+    x, masks = make_batch(args, tokens, device)
+    with autocast(device, amp):
+        saved = saved_tensor_bytes(model, x)
+    step_model = torch.compile(model) if "compile" in tokens else model
 
-        def step():
-            with autocast(device, amp):
-                outputs = step_model(x)
-            loss, _ = gaze_sup_loss(outputs, masks, args.cons_weight, args.cons_mode)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
+    def step():
+        with autocast(device, amp):
+            outputs = step_model(x)
+        loss, _ = gaze_sup_loss(outputs, masks, args.cons_weight, args.cons_mode)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
 
-        # on CPU the allocator is watched over the first two steps (the second has optimizer state)
-        track = device.type == "cpu" and "compile" not in tokens
-        tracker = (CpuPeakBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks)) if track
-                   else contextlib.nullcontext())
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        with tracker:
-            t0 = time.perf_counter()
-            first_loss = step().item()  # equal across impls (same weights and batch): a sanity check
-            first_step_s = time.perf_counter() - t0
-            if track:
-                step()
-        for _ in range(args.warmup - track):
+    # on CPU the allocator is watched over the first two steps (the second has optimizer state)
+    track = device.type == "cpu" and "compile" not in tokens
+    tracker = (CpuPeakBytes(storage_bytes(*model.parameters(), *model.buffers(), x, *masks)) if track
+               else contextlib.nullcontext())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tracker:
+        t0 = time.perf_counter()
+        first_loss = step().item()  # equal across impls (same weights and batch): a sanity check
+        first_step_s = time.perf_counter() - t0
+        if track:
             step()
-        ms = time_ms(step, args.iters, device)
-        result = {"variant": variant, "impl": impl, "ms_per_step": ms,
-                  "saved_mb": saved / 2**20, "first_step_s": first_step_s, "first_loss": first_loss}
-        if device.type == "cuda":
-            result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        elif track:
-            result["peak_mb"] = tracker.peak / 2**20
-        if args.profile:
-            with open(args.profile, "a") as f:
-                f.write(f"\n== {variant} / {impl}: {args.profile_iters} steps ==\n")
-                f.write(profile_table(step, device, args.profile_iters) + "\n")
+    for _ in range(args.warmup - track):
+        step()
+    ms = time_ms(step, args.iters, device)
+    result = {"variant": variant, "impl": impl, "ms_per_step": ms,
+              "saved_mb": saved / 2**20, "first_step_s": first_step_s, "first_loss": first_loss}
+    if device.type == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    elif track:
+        result["peak_mb"] = tracker.peak / 2**20
+    if args.profile:
+        with open(args.profile, "a") as f:
+            f.write(f"\n== {variant} / {impl}: {args.profile_iters} steps ==\n")
+            f.write(profile_table(step, device, args.profile_iters) + "\n")
     return result
 
 
@@ -277,8 +231,8 @@ def bench_propagation(args, variant: str, impl: str, device: torch.device) -> di
         feature = feature.to(memory_format=torch.channels_last)
     feature.requires_grad_()
     grad_out = torch.randn(shape, generator=gen).to(device, dtype)
-    fn = IMPLS[impl]
-    saved = saved_tensor_bytes(fn, feature, amp=False)
+    fn = propagation_function(IMPLS[impl])
+    saved = saved_tensor_bytes(fn, feature)
 
     def step():
         fn(feature).backward(grad_out)
@@ -476,7 +430,7 @@ def attempt(label: str, fn, *fn_args) -> dict:
     print(f"[{label}] ...", flush=True)
     try:
         return fn(*fn_args)
-    except Exception as e:  # keep going: one failing variant must not lose the table
+    except Exception as e:  # noqa: BLE001 -- keep going: one failing variant must not lose the table
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import scripts.benchmark as benchmark
+from scripts import benchmark
 
 TINY = ["--device", "cpu", "--spatial-size", "32", "--batch-size", "2", "--features", "4,4,8,8,16,4",
         "--feat-dim", "4", "--warmup", "1", "--iters", "1", "--eval-images", "2", "--eval-size", "32",
@@ -52,23 +52,6 @@ def test_end_to_end_times_the_training_data_path():
     assert "% of the bare step rate" in benchmark.table(report)  # compared with the fp32 / ours step
 
 
-def test_cpu_peak_bytes_replays_the_allocator():
-    import torch
-    with benchmark.CpuPeakBytes(base=100) as memory:
-        a = torch.ones(1000)                        # 4000 bytes
-        view = a[10:]                               # no allocation
-        b = torch.mul(a, a)                         # 4000: the peak, 8000 above the start
-        del a, b
-        c = torch.zeros(250, dtype=torch.float64)   # 2000, while view keeps a's 4000 alive
-        x = torch.randn(100, requires_grad=True)    # 400
-        (x.exp() * c[:100].float()).sum().backward()  # small transients and x.grad
-    assert memory.peak == 100 + 8000, memory.peak
-    del view
-    with benchmark.CpuPeakBytes() as memory:
-        torch.empty(3, 1000)
-    assert memory.peak == 12000
-
-
 def test_step_flops_count_forward_and_backward_convolutions():
     import torch
     args = benchmark.parse_args(TINY)
@@ -84,12 +67,11 @@ def test_step_flops_count_forward_and_backward_convolutions():
         else:
             forward += 2 * output.numel() * module.in_channels // module.groups * kernel
 
-    model = benchmark.segmentation_net.build_model("gaze_sup", 2, 3, args.features, args.feat_dim)
+    model = benchmark.gaze_model(args, "none")  # the model step_tflop counts: no propagation
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
             m.register_forward_hook(count)
-    with benchmark.propagation("none"):
-        model(torch.randn(args.batch_size, 3, args.spatial_size, args.spatial_size))
+    model(torch.randn(args.batch_size, 3, args.spatial_size, args.spatial_size))
     # backward = input grads + weight grads (2x forward), minus the first layer's input grad (the image)
     first = args.num_levels * 2 * args.batch_size * args.spatial_size ** 2 * args.features[0] * 3 * 9
     assert tflop * 1e12 == pytest.approx(3 * forward - first, rel=1e-6)
@@ -106,3 +88,15 @@ def test_leave_one_out_and_profile(tmp_path):
     assert "== fp32 / ours: 1 steps ==" in text and "== fp32 / none: 1 steps ==" in text
     assert "aten::convolution" in text
     assert "propagation inside the fp32 step" in benchmark.table(report)
+
+
+def test_triton_is_selected_through_build_model(monkeypatch):
+    """The benchmark selects Triton through build_model: without a CUDA device both measurements stop at
+    the build-time refusal (main records it per measurement, as test_failing_variant_is_reported_not_fatal)."""
+    from common.errors import UserError
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: False)  # also on a machine that has one
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = benchmark.parse_args(TINY)
+    for measure in (benchmark.bench_train, benchmark.bench_propagation):
+        with pytest.raises(UserError, match="^--propagation triton:"):
+            measure(args, "fp32", "triton", benchmark.torch.device("cpu"))

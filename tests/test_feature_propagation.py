@@ -1,6 +1,9 @@
 """feature_propagation against the paper's unfold + einsum formulation (written here, independently):
-values, input gradients (also torch.autograd.gradcheck), dtypes, layouts, and saved memory."""
+values, input gradients (also torch.autograd.gradcheck), dtypes, layouts, and saved memory; the Triton
+kernels against the same formulation (on CUDA, or on CPU through Triton's interpreter); selecting an
+implementation by name. Each test skips only for what it needs: CUDA, or triton."""
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,13 +12,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.feature_propagation import feature_propagation, feature_propagation_triton
-from scripts.benchmark import CpuPeakBytes  # replays the profiler's allocation events
+from common.errors import UserError
+from models.feature_propagation import feature_propagation, propagation_function
+from models.memory import CpuPeakBytes, saved_tensor_bytes
+from models.segmentation_net import build_model
 
 fp = importlib.import_module("models.feature_propagation")  # the package re-exports a function of that name
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# the Triton kernels run here directly: on CUDA, or on CPU when this process was started under the interpreter
+needs_triton_kernels = pytest.mark.skipif(
+    not HAS_TRITON or not (INTERPRET or torch.cuda.is_available()),
+    reason="needs triton and CUDA, or TRITON_INTERPRET=1 (test_triton_under_interpreter sets it)")
+
+
+def _triton_fn():
+    """The Triton entry point, imported only by tests that run it (the module imports triton)."""
+    from models.feature_propagation_triton import feature_propagation_triton
+    return feature_propagation_triton
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 1, 1), (2, 4, 3, 5), (1, 5, 8, 8), (3, 6, 9, 13), (2, 3, 13, 4)]
 
@@ -137,25 +153,11 @@ def test_under_autocast_bf16():
     torch.testing.assert_close(out.detach().double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().amax().item())
 
 
-def _saved_bytes(fn, feature: torch.Tensor) -> int:
-    """Exact bytes autograd keeps for the backward pass (distinct storages), device-independent."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(feature)
-    return sum(storages.values())
-
-
 def test_saved_memory_at_most_a_fifth_of_unfold():
     B, C, H, W = 2, 32, 24, 20
     feature = torch.randn(B, C, H, W, requires_grad=True)
-    ours = _saved_bytes(feature_propagation, feature)
-    ref = _saved_bytes(unfold_propagation, feature)
+    ours = saved_tensor_bytes(feature_propagation, feature)
+    ref = saved_tensor_bytes(unfold_propagation, feature)
     assert ours == B * C * H * W * 4 + B * 25 * H * W * 4  # F itself + the float32 correlations
     assert ref >= B * C * 25 * H * W * 4  # at least the unfolded neighbours
     assert ours <= ref / 5, (ours, ref)
@@ -192,9 +194,9 @@ def test_cpu_peak_memory_at_most_a_fifth_of_unfold(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_cuda_values_and_peak_memory(dtype, impl):
-    if impl == "triton" and fp.triton is None:
+    if impl == "triton" and not HAS_TRITON:
         pytest.skip("triton not installed")
-    fn = feature_propagation if impl == "torch" else feature_propagation_triton
+    fn = feature_propagation if impl == "torch" else _triton_fn()
     feature = torch.randn(2, 128, 64, 48, device="cuda").to(dtype)
     grad_out = torch.randn_like(feature)
     peaks, results = [], []
@@ -212,8 +214,7 @@ def test_cuda_values_and_peak_memory(dtype, impl):
     assert peaks[0] <= peaks[1] / 5, peaks
 
 
-@pytest.mark.skipif(fp.triton is None or not (INTERPRET or torch.cuda.is_available()),
-                    reason="needs triton and CUDA, or TRITON_INTERPRET=1 (test_triton_under_interpreter sets it)")
+@needs_triton_kernels
 @pytest.mark.parametrize("shape, dtype, channels_last", [
     ((2, 3, 3, 5), torch.float32, False),
     ((1, 1, 1, 1), torch.float32, False),
@@ -228,27 +229,45 @@ def test_triton_matches_unfold(shape, dtype, channels_last):
     x = feature.to(TRITON_DEVICE)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    out, grad = _value_and_grad(feature_propagation_triton, x, grad_out.to(TRITON_DEVICE))
+    out, grad = _value_and_grad(_triton_fn(), x, grad_out.to(TRITON_DEVICE))
     assert out.dtype == dtype and grad.dtype == dtype
     eps = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     for got, ref in ((out, ref_out), (grad, ref_grad)):
         torch.testing.assert_close(got.cpu().double(), ref, rtol=2 * eps, atol=2 * eps * ref.abs().amax().item())
 
 
-@pytest.mark.skipif(fp.triton is None or not (INTERPRET or torch.cuda.is_available()),
-                    reason="needs triton and CUDA, or TRITON_INTERPRET=1 (test_triton_under_interpreter sets it)")
+@needs_triton_kernels
 def test_triton_partial_use_of_output():
     """A crop of the output reaches the loss: the output gradient arrives strided / with zeros."""
     feature = torch.randn(2, 5, 7, 6, generator=torch.Generator().manual_seed(7))
     grads = []
-    for fn, x in ((feature_propagation_triton, feature.to(TRITON_DEVICE)), (unfold_propagation, feature.double())):
+    for fn, x in ((_triton_fn(), feature.to(TRITON_DEVICE)), (unfold_propagation, feature.double())):
         x.requires_grad_()
         fn(x)[:, 1, 2:5, 1:3].sum().backward()
         grads.append(x.grad.cpu().double())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().amax().item())
 
 
-@pytest.mark.skipif(fp.triton is None or INTERPRET or torch.cuda.is_available(),
+@pytest.mark.skipif(not HAS_TRITON or not torch.cuda.is_available(), reason="needs triton and CUDA (too slow for "
+                    "the interpreter; test_build_model_selects_triton checks the routing without CUDA)")
+def test_triton_model_matches_torch_model_on_cuda():
+    """build_model(propagation="triton") on the GPU: the same propagated features, logits and weight
+    gradients as the default ("torch") model with the same weights."""
+    x = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(9)).to(TRITON_DEVICE)
+    results = []
+    for propagation in ("torch", "triton"):
+        torch.manual_seed(0)
+        net = build_model("gaze_sup", 2, 3, (4, 4, 8, 8, 16, 4), 4, propagation=propagation).to(TRITON_DEVICE)
+        out = net(x)
+        (out["logits_prop_1"].square().mean() + out["logits_prop_2"].mean()).backward()
+        results.append((out["feature_prop_1"].detach(), out["logits_prop_2"].detach(),
+                        net.model[0].encoder.conv_0.conv_0.conv.weight.grad))
+    assert type(out["feature_prop_1"].grad_fn).__name__.startswith("_FeaturePropagationTritonBackward")
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRET or torch.cuda.is_available(),
                     reason="triton missing, or the Triton tests already run directly (CUDA / interpreter)")
 def test_triton_under_interpreter():
     """Run the Triton tests above on CPU through Triton's interpreter, in a fresh process (the
@@ -256,32 +275,49 @@ def test_triton_under_interpreter():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
          "test_triton_matches_unfold or test_triton_partial_use"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "5 passed" in result.stdout, result.stdout[-2000:]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the checks run before any kernel)")
 def test_triton_entry_point_rejects_what_it_cannot_run():
-    if fp.triton is None:
-        with pytest.raises(RuntimeError, match="not installed"):
-            feature_propagation_triton(torch.randn(1, 2, 3, 3))
-        return
+    fn = _triton_fn()
     with pytest.raises(ValueError, match="float64"):
-        feature_propagation_triton(torch.randn(1, 2, 3, 3, dtype=torch.float64))
-    if not INTERPRET:
-        with pytest.raises(RuntimeError, match="CUDA"):
-            feature_propagation_triton(torch.randn(1, 2, 3, 3))
+        fn(torch.randn(1, 2, 3, 3, dtype=torch.float64))
+    if not INTERPRET:  # a CPU tensor reaches the kernels only under the interpreter
+        with pytest.raises(UserError, match=r"--propagation triton.*CUDA tensors.*cpu"):
+            fn(torch.randn(1, 2, 3, 3))
 
 
-@pytest.mark.skipif(fp.triton is None or not torch.cuda.is_available(), reason="needs triton and a CUDA device")
-def test_triton_on_cuda_flag_routes_and_matches(monkeypatch):
-    feature = torch.randn(2, 128, 40, 36, device="cuda")
-    grad_out = torch.randn_like(feature)
-    torch_out, torch_grad = _value_and_grad(feature_propagation, feature, grad_out)
-    monkeypatch.setattr(fp, "TRITON_ON_CUDA", True)
-    x = feature.clone().requires_grad_()
-    out = feature_propagation(x)
-    assert type(out.grad_fn).__name__.startswith("_FeaturePropagationTritonBackward")
-    out.backward(grad_out)
-    torch.testing.assert_close(out, torch_out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(x.grad, torch_grad, rtol=1e-4, atol=1e-4)
+def test_propagation_is_selected_by_name():
+    assert propagation_function("torch") is feature_propagation
+    assert propagation_function(torch.tanh) is torch.tanh  # a callable is used as it is
+    with pytest.raises(UserError, match=r"--propagation 'cuda': expected one of torch, triton"):
+        propagation_function("cuda")
+    if HAS_TRITON and (INTERPRET or torch.cuda.is_available()):
+        assert propagation_function("triton") is _triton_fn()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_build_model_selects_triton(monkeypatch):
+    """The model calls the Triton entry point (building needs a CUDA device: one is pretended, nothing runs)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    net = build_model("gaze_sup", 2, 3, (4, 4, 8, 8, 16, 4), 4, propagation="triton")
+    assert net.propagate_fn is _triton_fn() and net.propagation == "triton"
+    assert "propagation=triton" in repr(net)
+
+
+def test_triton_without_triton_or_cuda_fails_at_build_time(monkeypatch):
+    """Both refusals, whatever this machine has: the package is hidden from the import system, then CUDA."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton"
+                        else real_find_spec(name, *a))
+    with pytest.raises(UserError, match=r"^--propagation triton: the triton package is not installed"):
+        build_model("gaze_sup", 2, 3, (4, 4, 8, 8, 16, 4), 4, propagation="triton")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match=r"^--propagation triton: the Triton kernels need a CUDA device"):
+        build_model("gaze_sup", 2, 3, (4, 4, 8, 8, 16, 4), 4, propagation="triton")

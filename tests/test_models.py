@@ -1,16 +1,28 @@
 """Models against the MONAI oracle: the paper's wrapper around monai's BasicUNet, saved in the
-paper's checkpoint format, must load into our networks and give the same outputs."""
+paper's checkpoint format, must load into our networks and give the same outputs. Only those tests
+need monai; the rest (levels, outputs, gradients, ensembling, propagation choice, errors) run without it."""
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
-from models import (BasicUNet, MultiLevelNet, SegNet, build_model, checkpoint_state_dict, ensemble_segnet,
-                    feature_propagation, load_checkpoint, load_model_state)
+from common.errors import UserError
+from models import (
+    BasicUNet,
+    MultiLevelNet,
+    SegNet,
+    build_model,
+    checkpoint_state_dict,
+    ensemble_segnet,
+    feature_propagation,
+    load_checkpoint,
+    load_model_state,
+)
 
-monai_nets = pytest.importorskip("monai.networks.nets")
+needs_monai = pytest.mark.skipif(importlib.util.find_spec("monai") is None, reason="needs monai (the oracle)")
 
 PAPER = (64, 128, 256, 512, 1024, 128)
 TINY = (8, 8, 16, 16, 32, 8)  # every width a multiple of num_groups=4
@@ -22,7 +34,8 @@ class PaperNet(nn.Module):
 
     def __init__(self, in_chns: int, features, feat_dim: int):
         super().__init__()
-        self.encoder = monai_nets.BasicUNet(spatial_dims=2, in_channels=in_chns, out_channels=feat_dim,
+        from monai.networks.nets import BasicUNet as MonaiBasicUNet  # only the tests marked needs_monai get here
+        self.encoder = MonaiBasicUNet(spatial_dims=2, in_channels=in_chns, out_channels=feat_dim,
                                             features=features, norm=("group", {"num_groups": 4}))
         self.head = nn.Sequential(nn.Conv2d(feat_dim, feat_dim, 1), nn.LeakyReLU(0.1),
                                   nn.Conv2d(feat_dim, feat_dim, 1))
@@ -62,9 +75,11 @@ def keys_and_shapes(module: nn.Module) -> list[tuple[str, tuple]]:
     return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
 
 
+@needs_monai
 def test_paper_widths_match_monai_keys_shapes_and_outputs():
+    from monai.networks.nets import BasicUNet as MonaiBasicUNet
     torch.manual_seed(0)
-    oracle = monai_nets.BasicUNet(spatial_dims=2, in_channels=3, out_channels=128, features=PAPER,
+    oracle = MonaiBasicUNet(spatial_dims=2, in_channels=3, out_channels=128, features=PAPER,
                                   norm=("group", {"num_groups": 4})).eval()
     ours = BasicUNet().eval()  # defaults are the paper's
     assert keys_and_shapes(ours) == keys_and_shapes(oracle)
@@ -78,6 +93,7 @@ def test_paper_widths_match_monai_keys_shapes_and_outputs():
     assert keys_and_shapes(SegNet()) == keys_and_shapes(PaperNet(3, PAPER, 128))
 
 
+@needs_monai
 @pytest.mark.parametrize("size", [(48, 64), (35, 33)])  # 35x33: odd sizes exercise MONAI's replicate pad
 def test_full_sup_loads_paper_checkpoint_and_matches_monai(tmp_path, size):
     oracle = randomized_paper_net(seed=1)
@@ -97,6 +113,7 @@ def test_full_sup_loads_paper_checkpoint_and_matches_monai(tmp_path, size):
     assert (got["feature"] - want["feature"]).abs().max().item() <= 1e-5
 
 
+@needs_monai
 def test_gaze_sup_two_levels_loads_paper_checkpoint_and_matches_monai(tmp_path):
     levels = [randomized_paper_net(seed=10), randomized_paper_net(seed=11)]
     w0, w1 = (lv.encoder.conv_0.conv_0.conv.weight for lv in levels)
@@ -147,6 +164,40 @@ def test_multilevel_outputs_and_propagate_flag():
     assert torch.allclose(light["logits"], full["logits"])
     assert torch.allclose(full["logits"], (full["logits_1"] + full["logits_2"]) / 2)
     assert not torch.allclose(full["logits_1"], full["logits_2"])
+
+
+def test_multilevel_calls_the_chosen_propagation(monkeypatch):
+    """propagation= picks the function that makes feature_prop_i; the default is feature_propagation.
+    It carries no state: models built with different choices share one state-dict layout."""
+    calls = []
+
+    def mirror(feature: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(feature.shape))
+        return feature.flip(-1)
+
+    torch.manual_seed(0)
+    net = build_model("gaze_sup", num_levels=2, features=TINY, feat_dim=TINY_FEAT, propagation=mirror).eval()
+    default = build_model("gaze_sup", num_levels=2, features=TINY, feat_dim=TINY_FEAT).eval()
+    default.load_state_dict(net.state_dict())  # strict: the same keys
+    assert net.propagation == "mirror" and default.propagation == "torch"
+    assert default.propagate_fn is feature_propagation
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref = net(x), default(x)
+        assert calls == [(2, TINY_FEAT, 32, 32)] * 2
+        net(x, propagate=False)
+        assert len(calls) == 2  # evaluation never propagates
+        for i in (1, 2):
+            assert torch.equal(out[f"feature_prop_{i}"], out[f"feature_{i}"].flip(-1))
+            assert torch.equal(out[f"logits_prop_{i}"], net.model[i - 1].classifier(out[f"feature_{i}"].flip(-1)))
+            assert torch.equal(ref[f"feature_prop_{i}"], feature_propagation(ref[f"feature_{i}"]))
+    # full_sup never propagates: a name it cannot run on this machine is accepted, an unknown one is not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert isinstance(build_model("full_sup", features=TINY, feat_dim=TINY_FEAT, propagation="triton"), SegNet)
+    for method in ("gaze_sup", "full_sup"):
+        with pytest.raises(UserError, match=r"--propagation 'fast': expected one of torch, triton"):
+            build_model(method, features=TINY, feat_dim=TINY_FEAT, propagation="fast")
 
 
 def test_gradients_reach_every_level():
