@@ -8,7 +8,7 @@ flag or the file and key, the value and what was expected, raised before anythin
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import yaml
 
@@ -34,11 +34,11 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _int_list(text: str) -> List[int]:
+def _int_list(text: str) -> list[int]:
     return [int(v) for v in str(text).replace(" ", "").strip("[]()").split(",") if v]
 
 
-def _float_list(text: str) -> List[float]:
+def _float_list(text: str) -> list[float]:
     return [float(v) for v in str(text).replace(" ", "").strip("[]()").split(",") if v]
 
 
@@ -167,7 +167,7 @@ def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
             raise bad(f"a list of {'integers' if kind is int else 'numbers'}, e.g. [0.5, 0.3]")
         value = [kind(v) for v in items]
     elif action.type in (int, float):
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
+        if isinstance(value, (bool, list, dict)):
             raise bad("an integer" if action.type is int else "a number")
         if isinstance(value, str) or (action.type is float and isinstance(value, int)):
             try:  # YAML reads 1e-2 (no dot) as a string
@@ -185,7 +185,7 @@ def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
-def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The flags of a --config YAML file, validated key by key."""
     file = Path(path)
     if file.is_dir():
@@ -214,7 +214,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------- ranges
 # flag -> (lowest, lowest allowed?, highest, highest allowed?); None: unbounded
-RANGES: Dict[str, Tuple[Optional[float], bool, Optional[float], bool]] = {
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "batch_size": (1, True, None, False), "max_ite": (1, True, None, False), "log_step": (1, True, None, False),
     "val_step": (1, True, None, False), "save_step": (1, True, None, False), "num_levels": (1, True, None, False),
     "num_worker": (0, True, None, False), "spatial_size": (16, True, None, False), "in_channels": (1, True, None, False),
@@ -258,7 +258,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- parsing
-def _normalize(values: Dict[str, Any]) -> Dict[str, Any]:
+def _normalize(values: dict[str, Any]) -> dict[str, Any]:
     """Aliases resolved (-m gaze -> gaze_sup) and --fp16 folded into --amp."""
     if "method" in values:
         values["method"] = METHOD_ALIASES[values["method"]]
@@ -267,7 +267,7 @@ def _normalize(values: Dict[str, Any]) -> Dict[str, Any]:
     return values
 
 
-def parse_with_explicit(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any]]:
+def parse_with_explicit(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """(resolved flags, the ones the user set: --config keys overridden by command-line flags)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
@@ -285,5 +285,5 @@ def parse_with_explicit(argv: Optional[List[str]] = None) -> Tuple[argparse.Name
     return args, explicit
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_explicit(argv)[0]
