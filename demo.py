@@ -1,4 +1,5 @@
-"""`run.py --demo`: a synthetic polyp dataset with simulated gaze, its gaze maps, and demo-sized flags."""
+"""`run.py --demo` (an entry point beside run.py): a synthetic polyp dataset with simulated gaze, its gaze maps,
+and demo-sized flags."""
 import importlib.util
 from pathlib import Path
 
