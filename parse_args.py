@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.yaml gives every setting (only --max_ite may be raised, plus --root/--device/--num_worker)")
     g.add_argument("--test", action="store_true", help="evaluate --ckpt_path on its run's test split with its run's "
                    "settings (override only --root, --device, --num_worker, --save_pred, --amp, --test_split)")
-    g.add_argument("--save_pred", action="store_true", help="write test predictions (PNG) of the ensemble and each level")
+    g.add_argument("--save_pred", action="store_true",
+                   help="write test predictions (PNG) of the ensemble and each level")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", default="0", help="CUDA device index; CPU is used when no GPU is visible")
     g.add_argument("--num_worker", type=int, default=min(4, _cpu_count()),
@@ -217,8 +218,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "batch_size": (1, True, None, False), "max_ite": (1, True, None, False), "log_step": (1, True, None, False),
     "val_step": (1, True, None, False), "save_step": (1, True, None, False), "num_levels": (1, True, None, False),
-    "num_worker": (0, True, None, False), "spatial_size": (16, True, None, False), "in_channels": (1, True, None, False),
-    "feat_dim": (1, True, None, False), "warmup_ite": (0, True, None, False),
+    "num_worker": (0, True, None, False), "spatial_size": (16, True, None, False),
+    "in_channels": (1, True, None, False), "feat_dim": (1, True, None, False), "warmup_ite": (0, True, None, False),
     "data_size_rate": (0, False, 1, True), "val_fraction": (0, True, 1, False),
     "lr": (0, False, None, False), "lr_min": (0, True, None, False), "weight_decay": (0, True, None, False),
     "cons_weight": (0, True, None, False),

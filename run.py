@@ -72,8 +72,14 @@ def run_test(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     """Evaluate a checkpoint with its run's settings; writes metrics.json and per_image_metrics.csv."""
     from engine.evaluate import TestData, evaluate
     from engine.restore import restored_model
-    from engine.run_folder import (LOG_SLACK_BYTES, check_exp_path, metrics_table, setup_logger, write_json,
-                                   write_rows_csv)
+    from engine.run_folder import (
+        LOG_SLACK_BYTES,
+        check_exp_path,
+        metrics_table,
+        setup_logger,
+        write_json,
+        write_rows_csv,
+    )
     from engine.train import test_dataset
 
     restored, args = restore_run(args, explicit, "test")

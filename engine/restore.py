@@ -6,7 +6,8 @@ Precedence, one rule for all three commands:
    the run folder's config.yaml. Model shape, data, spatial_size, thresholds, method... all come from it.
 2. A flag given on the command line (or in --config) may change only what is safe for the command
    (`SAFE`); the change is logged. Any other flag that differs from the record is an error listing
-   each difference; a flag equal to the record is accepted silently.
+   each difference (for --test and predict: a flag that changes the evaluation, `EVALUATION_KEYS`; the
+   training-only ones are ignored with a log line). A flag equal to the record is accepted silently.
 3. A paper-format checkpoint records nothing: the model shape is read off the weights, the rest comes
    from the flags; --spatial_size is then required (guessing it would give a silently wrong number;
    the paper's scripts use 224).
@@ -38,6 +39,9 @@ SAFE = {
     "resume": ("root", "device", "num_worker", "max_ite", "log_step", "val_step", "save_step", "preload",
                "compile", "channels_last", "propagation", "save_pred", "test_split"),
 }
+# flags that change what an evaluation computes: --test and predict refuse a change to them and ignore
+# (with a log line) the training-only ones; --resume refuses every change outside SAFE
+EVALUATION_KEYS = SHAPE_KEYS + ("data", "spatial_size")
 
 
 @dataclass
@@ -74,12 +78,15 @@ def merge_flags(record: dict[str, Any], explicit: dict[str, Any], command: str, 
         if key in SAFE[command]:
             notes.append(f"--{key} {value} (the run recorded {record.get(key)})")
             config[key] = value
+        elif command != "resume" and key not in EVALUATION_KEYS:
+            notes.append(f"--{key} {value} ignored: it does not change an evaluation (the run recorded "
+                         f"{record.get(key)})")
         else:
             refused.append(f"--{key} {value} (the run recorded {record.get(key)})")
     if refused:
         allowed = ", ".join(f"--{k}" for k in SAFE[command])
-        raise RunError(f"--{command} of {source}: the run's settings come from its record; these flags differ "
-                       f"from it: {'; '.join(refused)}. Only {allowed} may change")
+        raise RunError(f"{source}: the run's settings come from what it recorded, and these flags differ from it: "
+                       f"{'; '.join(refused)} (for {command}, only {allowed} may change)")
     return config, notes
 
 

@@ -176,7 +176,8 @@ def metrics_table(metrics: dict, num_levels: int = 0) -> str:
                  f"{100 * metrics['miou']:8.2f}")
     for i in range(1, num_levels + 1):
         if f"mdice_{i}" in metrics:
-            lines.append(f"{'level ' + str(i):<12} {100 * metrics[f'mdice_{i}']:8.2f} {100 * metrics[f'miou_{i}']:8.2f}")
+            dice, iou = 100 * metrics[f"mdice_{i}"], 100 * metrics[f"miou_{i}"]
+            lines.append(f"{'level ' + str(i):<12} {dice:8.2f} {iou:8.2f}")
     if "mhd95" in metrics:
         lines.append(f"HD95 (px): {metrics['mhd95']:.2f}")
     return "\n".join(lines)

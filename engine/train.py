@@ -383,8 +383,8 @@ class Trainer:
             self.save(f"model_ite{it}.pth")
 
     def report_stop(self, signal_name: str) -> dict:
-        self.log.info(f"{signal_name}: saved a resumable checkpoint at iteration {self.iteration} to "
-                      f"{self.run_dir}/model_latest.pth; resume with: python run.py --resume --ckpt_path {self.run_dir}")
+        self.log.info(f"{signal_name}: saved a resumable checkpoint at iteration {self.iteration} to {self.run_dir}"
+                      f"/model_latest.pth; resume with: python run.py --resume --ckpt_path {self.run_dir}")
         return {"interrupted": True, "iteration": self.iteration}
 
     def stop_requested(self, signal_name: str | None) -> bool:
@@ -440,11 +440,11 @@ class Trainer:
 
     def finish(self, final: tuple, seconds: float) -> dict:
         metrics, rows = final
+        best_test = next((h["test"] for h in self.history if h["iteration"] == self.best_iteration), None)
         summary = {"final_iteration": self.iteration, "max_ite": self.args.max_ite, "status": "finished",
                    "final": metrics,
                    "best": {"iteration": self.best_iteration, "selected_on": "val" if self.val_data else "test",
-                            self.main_metric: self.best,
-                            "test": next((h["test"] for h in self.history if h["iteration"] == self.best_iteration), None)},
+                            self.main_metric: self.best, "test": best_test},
                    "history": self.history, "train_seconds": seconds, "device": device_name(self.device)}
         if self.dist.enabled:  # DDP keeps ranks in sync; record the proof (and warn if it ever fails)
             summary["weights_sha256_per_rank"] = self.dist.gather_rows([weights_digest(self.model)])

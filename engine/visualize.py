@@ -2,9 +2,8 @@
 
 Colours are RGB: prediction green, reference (ground truth or pseudo-mask) red.
 """
-from typing import Sequence, Tuple
+from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
