@@ -24,7 +24,11 @@ USAGE = """
 
 
 class FlagError(UserError):
-    """A flag or --config key with a bad value; the message names it."""
+    """A flag or --config key with a bad value; the message names it (`key`: the flag's name, when known)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _cpu_count() -> int:
@@ -241,15 +245,15 @@ def check_args(args: argparse.Namespace) -> None:
         below = v < lo if lo_ok else v <= lo
         above = hi is not None and (v > hi if hi_ok else v >= hi)
         if below or above:
-            raise FlagError(f"--{name} {v}: expected a value {_range_text(lo, lo_ok, hi, hi_ok)}")
+            raise FlagError(f"--{name} {v}: expected a value {_range_text(lo, lo_ok, hi, hi_ok)}", name)
     if len(args.features) != 6 or min(args.features) < 1:
-        raise FlagError(f"--features {args.features}: expected 6 positive widths, e.g. 8,8,16,16,32,8")
+        raise FlagError(f"--features {args.features}: expected 6 positive widths, e.g. 8,8,16,16,32,8", "features")
     spec = load_spec(args.data)  # an unknown name or a bad spec file fails here, naming it
     if args.method == "gaze_sup":
         if args.thresholds is not None:
             if len(args.thresholds) != args.num_levels or not all(0 < t < 1 for t in args.thresholds):
                 raise FlagError(f"--thresholds {args.thresholds}: expected {args.num_levels} value(s) (one per "
-                                f"level, --num_levels {args.num_levels}), each strictly between 0 and 1")
+                                f"level, --num_levels {args.num_levels}), each strictly between 0 and 1", "thresholds")
         else:
             spec.level_thresholds(args.num_levels)
     if args.test and args.resume:
@@ -276,11 +280,16 @@ def parse_with_explicit(argv: list[str] | None = None) -> tuple[argparse.Namespa
     parser.set_defaults(**config)
     args = parser.parse_args(argv)
     _normalize(vars(args))
-    check_args(args)
     quiet = build_parser()
     for action in quiet._actions:  # a parse with no defaults: only what the command line sets
         action.default = argparse.SUPPRESS
     given = vars(quiet.parse_args(argv))
+    try:
+        check_args(args)
+    except FlagError as e:
+        if e.key in config and e.key not in given:  # the value came from the file: name it
+            raise FlagError(f"--config {pre.config}: key {e.key}: {e}", e.key) from None
+        raise
     explicit = _normalize({**config, **given})
     explicit.pop("config", None)
     return args, explicit
