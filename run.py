@@ -13,7 +13,6 @@ import os
 import sys
 from argparse import Namespace
 from pathlib import Path
-from typing import Optional
 
 from common.errors import UserError, report_user_error
 
@@ -48,7 +47,7 @@ def restore_run(args: Namespace, explicit: dict, command: str):
     return restored, settings
 
 
-def open_run_dir(args: Namespace, dist_ctx, log, kind: str = "", existing: Optional[Path] = None) -> Path:
+def open_run_dir(args: Namespace, dist_ctx, log, kind: str = "", existing: Path | None = None) -> Path:
     """The run folder on every rank: `existing` (a resumed run) or a new one made by rank 0; then log.txt
     (with what was logged so far) and config.yaml."""
     from engine.run_folder import attach_log_file, create_run_dir, save_config
