@@ -127,7 +127,8 @@ def trim_losses(run_dir: Path, iteration: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    keep = lines[:1] + [row for row in lines[1:] if int(row.split(",")[0]) <= iteration]
+    first = [row.split(",")[0] for row in lines[1:]]  # a row cut short by a crash is dropped as well
+    keep = lines[:1] + [row for row, it in zip(lines[1:], first) if it.isdigit() and int(it) <= iteration]
     if len(keep) < len(lines):
         write_text_atomic(path, "\n".join(keep) + "\n")
 
