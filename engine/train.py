@@ -197,18 +197,22 @@ class Trainer:
                            f"channel(s) after loading (--data {self.args.data})")
 
     # ---------------------------------------------------------------- checkpoints
-    def state(self) -> dict:
-        """The paper's checkpoint keys plus what an exact resume needs."""
+    def state(self, windows: list | None = None) -> dict:
+        """The paper's checkpoint keys plus what an exact resume needs (`windows`: every rank's losses since
+        the last losses.csv row; this rank's alone when None)."""
+        if windows is None:
+            windows = [self.cpu_window()]
         return {"state_dict": self.model.state_dict(), "opt": self.optimizer.state_dict(),
                 "epoch": self.iteration // self.steps_per_epoch + 1, "iteration": self.iteration,
                 "best_performance": self.best, "best_iteration": self.best_iteration,
                 "scaler": self.scaler.state_dict(), "history": self.history,
-                "loss_window": [{k: v.detach().float().cpu() for k, v in w.items()} for w in self.window],
+                "loss_window": windows,
                 "args": {k: v for k, v in vars(self.args).items()}}
 
     def save(self, name: str) -> None:
         """Rank 0 writes `name` atomically; refuses non-finite weights so a diverged run never replaces
         the last good checkpoint."""
+        windows = self.dist.gather_rows([self.cpu_window()]) if self.dist.enabled else None  # a collective
         if not self.dist.is_main:
             return
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -217,10 +221,13 @@ class Trainer:
                            f"{bad[0]}); {name} not written, the last good checkpoint is kept in {self.run_dir}. "
                            f"Try a lower --lr or --amp none.")
         try:
-            save_checkpoint(self.run_dir / name, self.state())
+            save_checkpoint(self.run_dir / name, self.state(windows))
         except OSError as e:
             raise RunError(f"cannot write checkpoint {self.run_dir / name} at iteration {self.iteration}: {e}; "
                            f"the previous {name} (if any) is intact") from e
+
+    def cpu_window(self) -> list:
+        return [{k: v.detach().float().cpu() for k, v in w.items()} for w in self.window]
 
     def all_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of a small CPU tensor over ranks (identity for one process)."""
@@ -246,7 +253,9 @@ class Trainer:
         self.best = float(ckpt.get("best_performance", -math.inf))
         self.best_iteration = int(ckpt.get("best_iteration", 0))
         self.history = list(ckpt.get("history", []))
-        self.window = [{k: v.to(self.device) for k, v in w.items()} for w in ckpt.get("loss_window", [])]
+        windows = ckpt.get("loss_window") or []
+        own = windows[self.dist.rank] if len(windows) > self.dist.rank else []
+        self.window = [{k: v.to(self.device) for k, v in w.items()} for w in own]
         self.log.info(f"resumed from {path} at iteration {self.iteration}")
 
     # ---------------------------------------------------------------- one step

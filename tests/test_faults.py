@@ -72,7 +72,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_root):
     ckpt = load_checkpoint(run_dir / "model_latest.pth")
     stopped = ckpt["iteration"]
     assert 6 <= stopped < 60 and int(loss_rows(run_dir)[-1]["iteration"]) == stopped - stopped % 3
-    assert {"opt", "history", "args", "loss_window"} <= set(ckpt) and len(ckpt["loss_window"]) == stopped % 3
+    assert {"opt", "history", "args", "loss_window"} <= set(ckpt) and len(ckpt["loss_window"][0]) == stopped % 3
     hint = f"resume with: python run.py --resume --ckpt_path {run_dir}"
     assert "SIGTERM" in out and hint in out and "Traceback" not in err
 
