@@ -10,7 +10,6 @@ import torch.distributed as dist
 class DistContext:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -28,17 +27,13 @@ class DistContext:
         dist.all_gather_object(parts, rows)
         return [part[k] for k in range(len(parts[0])) for part in parts if k < len(part)]
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
 
 def init_distributed(device: torch.device) -> DistContext:
     """Join the process group that torchrun describes in the environment (nothing to do for one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistContext()
-    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = DistContext(int(os.environ["RANK"]), world)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ctx

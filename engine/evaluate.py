@@ -1,7 +1,6 @@
 """Test-set evaluation: per-image Dice / IoU / HD95 for the evaluated prediction and each level."""
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -39,14 +38,14 @@ class TestData:
         return len(self.ids)
 
 
-def prediction_keys(outputs: dict) -> List[str]:
+def prediction_keys(outputs: dict) -> list[str]:
     """"logits" (the evaluated prediction: the level mean for gaze_sup) then "logits_1", "logits_2", ..."""
     levels = sorted((k for k in outputs if k.startswith("logits_") and k[7:].isdigit()), key=lambda k: int(k[7:]))
     return ["logits"] + levels
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pred: Optional[Path] = None,
+def evaluate(model: torch.nn.Module, data: TestData, amp: str = "none", save_pred: Path | None = None,
              gather=None, with_hd95: bool = True) -> tuple:
     """Evaluate `model` on `data`, batch size 1, as the paper: logits upsampled bilinear to the mask size,
     prediction = sigmoid > 0.5.
@@ -96,7 +95,7 @@ def model_outputs(model: torch.nn.Module, image: torch.Tensor) -> dict:
     return model(image, propagate=False) if isinstance(model, MultiLevelNet) else model(image)
 
 
-def summarize_rows(rows: List[dict]) -> Dict[str, float]:
+def summarize_rows(rows: list[dict]) -> dict[str, float]:
     metrics = {"num_images": len(rows)}
     for key in rows[0]:
         if key == "id":

@@ -8,9 +8,11 @@ OUT/<stem>_overlay.png (prediction contour on the image; a DICOM slice min-max s
 the dataset's normalisation, bilinear resize to --spatial_size, the model's "logits" (the level mean for
 gaze_sup), bilinear upsampling to the original size, sigmoid > threshold.
 
-Checkpoints: this project's (they record their flags in "args") and the paper's ({"state_dict", "opt",
-...}, keys `model.<i>.encoder...` for gaze_sup, `encoder...` for full_sup): method, levels, widths and
-input channels are then read from the weights' names and shapes.
+Checkpoints: this project's (they record their flags in "args"; a run folder also has config.yaml) and the
+paper's ({"state_dict", "opt", ...}, keys `model.<i>.encoder...` for gaze_sup, `encoder...` for full_sup).
+The settings follow engine.restore's one rule (the same as --test and --resume): what the checkpoint
+records wins, and a model-shape flag that differs from it is an error; for a paper checkpoint the method,
+levels, widths and input channels are read from the weights, and --spatial_size is required.
 """
 import argparse
 import os
@@ -23,18 +25,26 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.dataspec import builtin_specs, load_spec
+from common.errors import UserError, report_user_error
 from datasets.io import DataError, read_image
 from datasets.segmentation import data_spec, image_size, normalized_image, resize
+from engine.device import pick_device
 from engine.evaluate import model_outputs, upsample_logits
-from engine.run_folder import RunError, resolve_checkpoint
+from engine.restore import Restored, restore, restored_model
+from engine.run_folder import RunError
 from engine.visualize import overlay, to_uint8_rgb
-from models.checkpoint import (CheckpointError, checkpoint_state_dict, infer_model_args, load_checkpoint,
-                               load_model_state)
-from models.segmentation_net import build_model
+from models.checkpoint import infer_model_args  # noqa: F401  (re-exported)
+from parse_args import _int_list
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
 MODEL_KEYS = ("method", "num_levels", "in_channels", "features", "feat_dim")
-DATA_BY_CHANNELS = {3: "kvasir", 1: "prostate"}
+
+
+def builtin_data_for(channels: int) -> Optional[str]:
+    """The first built-in dataset spec (by name) taking `channels`-channel images: the normalisation of a paper
+    checkpoint, which records no dataset (3 channels -> kvasir, 1 -> prostate)."""
+    return next((n for n in builtin_specs() if load_spec(n).in_channels == channels), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--spatial_size", type=int, default=None, help="network input side (default: from the checkpoint)")
     p.add_argument("--in_channels", type=int, default=None, help="image channels (default: from the checkpoint)")
-    p.add_argument("--data", default=None, choices=sorted(DATA_BY_CHANNELS.values()),
-                   help="normalisation (default: the checkpoint's, else 3 channels -> kvasir, 1 -> prostate)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: cuda:0 if visible, else cpu)")
+    p.add_argument("--data", default=None,
+                   help="dataset name or spec file, for the normalisation (default: the checkpoint's, else the "
+                        "built-in dataset with the model's channel count: 3 -> kvasir, 1 -> prostate)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, or N (default: GPU 0 if visible, else cpu)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0 < t < 1)")
     p.add_argument("--save_prob", action="store_true", help="also write the probability map (0-255 PNG)")
     p.add_argument("--quiet", action="store_true", help="no line per image")
     g = p.add_argument_group("model shape, only for checkpoints that do not record it")
     g.add_argument("-m", "--method", default=None, choices=["gaze_sup", "full_sup"])
     g.add_argument("--num_levels", type=int, default=None)
-    g.add_argument("--features", default=None, help="6 comma-separated U-Net widths")
+    g.add_argument("--features", type=_int_list, default=None, help="6 comma-separated U-Net widths")
     g.add_argument("--feat_dim", type=int, default=None)
     return p
 
@@ -154,57 +165,34 @@ def check_threshold(threshold: float) -> None:
 
 
 # ---------------------------------------------------------------- checkpoint
-def resolve_config(args, ckpt: dict, ckpt_path: Path) -> dict:
-    """Model shape, data and input size: the command line, else the checkpoint's recorded flags, else
-    what the weights imply (model shape) or the channel count (data)."""
-    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    inferred = infer_model_args(checkpoint_state_dict(ckpt, ckpt_path))
-    cli = {k: getattr(args, k) for k in MODEL_KEYS + ("data", "spatial_size")}
-    if isinstance(cli["features"], str):
-        cli["features"] = [int(v) for v in cli["features"].replace(" ", "").strip("[]()").split(",") if v]
-    cfg = {}
-    for key in MODEL_KEYS + ("data", "spatial_size"):
-        for source in (cli, saved, inferred):
-            if source.get(key) is not None:
-                cfg[key] = source[key]
-                break
-    cfg.setdefault("method", "gaze_sup")
-    if cfg["method"] == "gaze_sup" and "num_levels" not in cfg:
-        raise RunError(f"{ckpt_path}: cannot tell the number of levels from the checkpoint; pass --num_levels")
-    missing = [k for k in ("in_channels", "features", "feat_dim") if k not in cfg]
+MODEL_FLAGS = MODEL_KEYS + ("data", "spatial_size", "device")
+
+
+def resolve_config(args, ckpt_path) -> Restored:
+    """The checkpoint and its settings by engine.restore's precedence rule: what the checkpoint records wins
+    (a model-shape flag that differs from it is an error); a paper checkpoint takes the shape from its
+    weights and needs --spatial_size; the normalisation defaults to the channel count's dataset."""
+    explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    restored = restore(ckpt_path, explicit, "predict", {"method": "gaze_sup", "propagation": "torch"})
+    cfg = restored.config
+    missing = [k for k in ("in_channels", "features", "feat_dim") if cfg.get(k) is None]
     if missing:
-        raise RunError(f"{ckpt_path}: the checkpoint does not record {missing} and they cannot be read from its "
+        raise RunError(f"{restored.path}: the checkpoint does not record {missing} and they cannot be read from its "
                        f"weights; pass --{' --'.join(missing)}")
-    if "data" not in cfg:
-        if cfg["in_channels"] not in DATA_BY_CHANNELS:
+    if cfg.get("data") is None:
+        cfg["data"] = builtin_data_for(cfg["in_channels"])
+        if cfg["data"] is None:
             raise RunError(f"no normalisation known for {cfg['in_channels']}-channel images; pass --data")
-        cfg["data"] = DATA_BY_CHANNELS[cfg["in_channels"]]
     if data_spec(cfg["data"]).in_channels != cfg["in_channels"]:
         raise RunError(f"--data {cfg['data']} expects {data_spec(cfg['data']).in_channels}-channel images but the "
-                       f"model takes {cfg['in_channels']} (from {ckpt_path})")
-    if "spatial_size" not in cfg:  # the paper's checkpoints do not record it; guessing would silently hurt
-        raise RunError(f"{ckpt_path} does not record the input size it was trained at; pass --spatial_size "
-                       "(the paper's runs use 224)")
-    return cfg
+                       f"model takes {cfg['in_channels']} (from {restored.path})")
+    return restored
 
 
 def load_model(ckpt_path, args, device: torch.device):
-    """(model in eval mode on `device`, resolved config). Errors name the checkpoint."""
-    path = resolve_checkpoint(ckpt_path)
-    ckpt = load_checkpoint(path)
-    try:
-        checkpoint_state_dict(ckpt)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    cfg = resolve_config(args, ckpt, path)
-    model = build_model(cfg["method"], num_levels=cfg.get("num_levels", 1), in_channels=cfg["in_channels"],
-                        features=tuple(cfg["features"]), feat_dim=cfg["feat_dim"])
-    try:
-        load_model_state(model, checkpoint_state_dict(ckpt, path), path)
-    except ValueError as e:
-        shape = ", ".join(f"{k}={cfg[k]}" for k in MODEL_KEYS if k in cfg)
-        raise RunError(f"incompatible checkpoint for a model with {shape}:\n  {e}") from None
-    return model.to(device).eval(), cfg
+    """(model in eval mode on `device`, resolved settings). Errors name the checkpoint."""
+    restored = resolve_config(args, ckpt_path)
+    return restored_model(restored).to(device).eval(), restored.config
 
 
 # ---------------------------------------------------------------- one image
@@ -241,16 +229,6 @@ def predict_files(model, cfg: dict, files: List[Path], out: Path, device: torch.
     return written
 
 
-def pick_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RunError(f"--device {name} asks for a GPU but none is visible; use --device cpu")
-    return torch.device(f"cuda:{name}" if name.isdigit() else name)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -262,9 +240,8 @@ def main(argv=None) -> int:
             print(f"warning: {summarize_skipped(skipped)}", file=sys.stderr)
         model, cfg = load_model(args.ckpt_path, args, device)
         written = predict_files(model, cfg, files, Path(args.out), device, args.threshold, args.save_prob, args.quiet)
-    except (DataError, RunError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError) as e:
+        return report_user_error(e)
     except OSError as e:  # a write failing after the checks (disk full, a folder named like an output, ...)
         print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The run folder: EXP/<seed>/<data>/<run_id>_<timestamp>/ with log.txt, config.yaml, metrics.json,
 losses.csv, TensorBoard events and checkpoints. Nothing here is ever overwritten by a new run."""
 import logging
+import os
 import shutil
 import sys
 import time
@@ -9,9 +10,9 @@ from pathlib import Path
 import yaml
 
 from common.errors import UserError
-from common.files import write_json  # noqa: F401  (re-exported for the engine)
+from common.files import write_json, write_text_atomic  # noqa: F401  (write_json re-exported for the engine)
 
-MIN_FREE_BYTES = 2 * 1024 ** 3
+LOG_SLACK_BYTES = 64 * 1024 ** 2  # logs, losses.csv, TensorBoard events, predictions of a small split
 
 
 class RunError(UserError):
@@ -38,9 +39,35 @@ def run_id(args) -> str:
     return f"gaze_sup_{args.num_levels}levels_{args.cons_mode}{args.cons_weight:g}"
 
 
+def data_name(args) -> str:
+    """The <data> folder of runs: the dataset spec's name (never a path, even for --data some/spec.yaml)."""
+    from common.dataspec import load_spec
+    return load_spec(args.data).name
+
+
+def check_exp_path(exp_path, need_bytes: int) -> None:
+    """Before anything is created: --exp_path can be made writable and its disk holds `need_bytes`."""
+    path = Path(exp_path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if existing.exists() and not existing.is_dir() else "is not writable"
+        raise RunError(f"cannot write to --exp_path {exp_path}: {existing} {what}")
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise RunError(f"only {free / 1024 ** 2:.0f} MiB free under {existing}; this run's checkpoints and logs "
+                       f"need about {need_bytes / 1024 ** 2:.0f} MiB (fewer with a larger --save_step)")
+
+
+def expected_run_bytes(checkpoint_bytes: int, args) -> int:
+    """Disk a run needs: model_latest, model_best, one temporary copy while saving, every model_ite<N>, logs."""
+    return checkpoint_bytes * (3 + args.max_ite // args.save_step) + LOG_SLACK_BYTES
+
+
 def create_run_dir(args, kind: str = "") -> Path:
-    """A fresh run folder; fails early with a clear message if EXP is unwritable or the disk nearly full."""
-    base = Path(args.exp_path) / str(args.seed) / args.data
+    """A fresh run folder EXP/<seed>/<data>/<run_id><kind>_<timestamp>; a clear error if EXP is unwritable."""
+    base = Path(args.exp_path) / str(args.seed) / data_name(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         base.mkdir(parents=True, exist_ok=True)
@@ -51,15 +78,8 @@ def create_run_dir(args, kind: str = "") -> Path:
                 break
             except FileExistsError:
                 continue
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
         raise RunError(f"cannot write to --exp_path {args.exp_path}: {e}") from e
-    free = shutil.disk_usage(path).free
-    if free < MIN_FREE_BYTES:
-        raise RunError(f"only {free / 1024 ** 2:.0f} MiB free under {path}; checkpoints need more "
-                       f"(at least {MIN_FREE_BYTES / 1024 ** 3:.0f} GiB)")
     return path
 
 
@@ -69,24 +89,73 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stdout)
 
 
-def setup_logger(run_dir: Path, quiet: bool = False, rank: int = 0) -> logging.Logger:
+class _Buffer(logging.Handler):
+    """Keeps the records logged before the run folder exists, for its log.txt."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+FORMAT = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def setup_logger(run_dir: Path | None = None, quiet: bool = False, rank: int = 0) -> logging.Logger:
+    """The run's logger: console, and log.txt of `run_dir` (appended). Without a folder yet, records are
+    kept until `attach_log_file` (a command that fails before training leaves no folder behind)."""
     logger = logging.getLogger("gazesup")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = _TqdmHandler()  # log lines above the progress bar, not through it
-    console.setFormatter(fmt)
+    console.setFormatter(FORMAT)
     logger.addHandler(console)
-    if rank == 0 and run_dir is not None:
-        handler = logging.FileHandler(run_dir / "log.txt")
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
+    if rank == 0:
+        if run_dir is not None:
+            attach_log_file(logger, run_dir)
+        else:
+            logger.addHandler(_Buffer())
     return logger
 
 
+def attach_log_file(logger: logging.Logger, run_dir: Path) -> None:
+    """Send the logger to RUN/log.txt (appending: a resumed run continues its log), with what was buffered."""
+    handler = logging.FileHandler(run_dir / "log.txt", mode="a")
+    handler.setFormatter(FORMAT)
+    for buffer in [h for h in logger.handlers if isinstance(h, _Buffer)]:
+        for record in buffer.records:
+            handler.emit(record)
+        logger.removeHandler(buffer)
+    logger.addHandler(handler)
+
+
 def save_config(args, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(vars(args), sort_keys=False))
+
+
+class SafeWriter:
+    """A TensorBoard writer whose failures (a full disk...) warn once and stop its logging; the run goes on."""
+
+    def __init__(self, writer, log: logging.Logger):
+        self._writer, self._log, self.failed = writer, log, False
+
+    def __getattr__(self, name):
+        method = getattr(self._writer, name)
+
+        def call(*args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except OSError as e:
+                self.failed = True
+                self._log.warning(f"warning: TensorBoard logging stopped ({e}); training goes on")
+        return call
 
 
 def write_rows_csv(path: Path, rows: list) -> None:
@@ -107,7 +176,8 @@ def metrics_table(metrics: dict, num_levels: int = 0) -> str:
                  f"{100 * metrics['miou']:8.2f}")
     for i in range(1, num_levels + 1):
         if f"mdice_{i}" in metrics:
-            lines.append(f"{'level ' + str(i):<12} {100 * metrics[f'mdice_{i}']:8.2f} {100 * metrics[f'miou_{i}']:8.2f}")
+            dice, iou = 100 * metrics[f"mdice_{i}"], 100 * metrics[f"miou_{i}"]
+            lines.append(f"{'level ' + str(i):<12} {dice:8.2f} {iou:8.2f}")
     if "mhd95" in metrics:
         lines.append(f"HD95 (px): {metrics['mhd95']:.2f}")
     return "\n".join(lines)

@@ -8,20 +8,19 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from datasets.batches import TrainBatches
 from datasets.segmentation import SegmentationDataset, level_thresholds
+from engine import restore
 from engine.distributed import DistContext
 from engine.evaluate import TestData, autocast, evaluate
-from engine.run_folder import RunError, metrics_table, resolve_checkpoint, write_json, write_rows_csv
+from engine.run_folder import RunError, metrics_table, write_json, write_rows_csv
 from engine.visualize import log_images
 from losses import full_sup_loss, gaze_sup_loss
-from models.checkpoint import checkpoint_state_dict, load_checkpoint, load_model_state, save_checkpoint
-from models.segmentation_net import build_model
+from models.checkpoint import checkpoint_state_dict, load_model_state, save_checkpoint
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -36,8 +35,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def make_model(args) -> torch.nn.Module:
-    return build_model(args.method, num_levels=args.num_levels, in_channels=args.in_channels,
-                       features=tuple(args.features), feat_dim=args.feat_dim)
+    """The run's network (engine.restore.make_model on the flags)."""
+    return restore.make_model(vars(args))
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -83,7 +82,7 @@ def split_ids(args):
     if args.val_fraction <= 0:
         return ids, None
     order = np.random.RandomState(args.seed).permutation(len(ids))
-    n_val = max(1, int(round(len(ids) * args.val_fraction)))
+    n_val = max(1, round(len(ids) * args.val_fraction))
     val = set(order[:n_val].tolist())
     return [i for k, i in enumerate(ids) if k not in val], [i for k, i in enumerate(ids) if k in val]
 
@@ -104,7 +103,7 @@ def available_memory(device: torch.device) -> float:
 
 
 def preload_fits(dataset: SegmentationDataset, device: torch.device, share: float = 0.25,
-                 available: Optional[float] = None) -> bool:
+                 available: float | None = None) -> bool:
     """--preload auto: keep the resized training set (float32 images, uint8 targets) when it takes at most
     `share` of the free memory where it would live (`available` bytes; measured when None)."""
     levels = len(dataset.thresholds) if dataset.uses_gaze() else 1
@@ -141,40 +140,33 @@ class StopFlag:
 class Trainer:
     """Trains one run. All files are written by rank 0 only.
 
+    The model (and its initial weights) is built from the seed before any data is read, as the paper's
+    code does, so --preload and --val_fraction cannot change the initial weights.
+
     Args:
         args: the resolved flags.
-        run_dir: the run folder (the same path on every rank).
+        run_dir: the run folder (the same path on every rank); may be set later, before `fit`.
         device: torch device.
         dist_ctx: data-parallel context.
         log: logger.
         writer: optional TensorBoard SummaryWriter.
+        model: the network, already built from the seed (built here when None).
     """
 
-    def __init__(self, args, run_dir: Optional[Path], device: torch.device, dist_ctx: DistContext, log,
-                 writer=None):
-        self.args, self.run_dir, self.device, self.dist, self.log, self.writer = args, run_dir, device, dist_ctx, log, writer
-        seed_everything(args.seed, args.deterministic)
-        self.main_metric = "mdice" if args.method == "gaze_sup" else "miou"
-        train_ids, val_ids = split_ids(args)
-        thresholds = level_thresholds(args.data, args.num_levels, args.thresholds) if args.method == "gaze_sup" else []
-        self.thresholds = thresholds
-        train_set = SegmentationDataset(args.root, args.data, train_ids, train=True, method=args.method,
-                                        spatial_size=args.spatial_size, thresholds=thresholds, gaze_dir=args.gaze_dir)
-        self.check_channels(train_set)
-        workers = args.num_worker
-        preload = args.preload == "yes" or (args.preload == "auto" and preload_fits(train_set, device))
-        log.info(f"training set {'preloaded on ' + str(device) if preload else 'decoded every step'} "
-                 f"(--preload {args.preload})")
-        self.batches = TrainBatches(train_set, args.batch_size, args.seed, device, preload=preload,
-                                    num_workers=workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
-        self.test_data = TestData(test_dataset(args), device, workers, dist_ctx.rank, dist_ctx.world_size)
-        self.val_data = (TestData(test_dataset(args, val_ids), device, workers, dist_ctx.rank, dist_ctx.world_size)
-                         if val_ids else None)
-        self.model = make_model(args).to(device)
+    def __init__(self, args, run_dir: Path | None, device: torch.device, dist_ctx: DistContext, log,
+                 writer=None, model: torch.nn.Module | None = None):
+        self.args, self.run_dir, self.device, self.dist, self.log = args, run_dir, device, dist_ctx, log
+        self.writer = writer
+        if model is None:
+            seed_everything(args.seed, args.deterministic)
+            model = make_model(args)
+        self.model = model.to(device)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(args, self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self.main_metric = "mdice" if args.method == "gaze_sup" else "miou"
+        self.load_data()
         self.net = self.model
         if dist_ctx.enabled:  # `head` is in the state dict but unused in forward
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -188,12 +180,31 @@ class Trainer:
             self.cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.iteration, self.best, self.best_iteration = 0, -math.inf, 0
         self.history = []
+        self.window = []  # per-step logs since the last losses.csv row (checkpointed: exact rows after a resume)
+        self.final = None  # (metrics, rows) of the last evaluation at max_ite
         self._preview = None  # training images shown in TensorBoard
         self._log_clock = None  # (time, iteration) of the last log line, for ms/it
+        self._losses_failed = False
         self.steps_per_epoch = len(self.batches)
         self.total_epoch = args.max_ite // self.steps_per_epoch + 1
-        if args.resume:
-            self.resume(args.ckpt_path)
+
+    def load_data(self) -> None:
+        """The training batches, the decoded test split and the optional validation split."""
+        args, device, dist_ctx = self.args, self.device, self.dist
+        train_ids, val_ids = split_ids(args)
+        thresholds = level_thresholds(args.data, args.num_levels, args.thresholds) if args.method == "gaze_sup" else []
+        train_set = SegmentationDataset(args.root, args.data, train_ids, train=True, method=args.method,
+                                        spatial_size=args.spatial_size, thresholds=thresholds, gaze_dir=args.gaze_dir)
+        self.check_channels(train_set)
+        workers = args.num_worker
+        preload = args.preload == "yes" or (args.preload == "auto" and preload_fits(train_set, device))
+        self.log.info(f"training set {'preloaded on ' + str(device) if preload else 'decoded every step'} "
+                      f"(--preload {args.preload})")
+        self.batches = TrainBatches(train_set, args.batch_size, args.seed, device, preload=preload,
+                                    num_workers=workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+        self.test_data = TestData(test_dataset(args), device, workers, dist_ctx.rank, dist_ctx.world_size)
+        self.val_data = (TestData(test_dataset(args, val_ids), device, workers, dist_ctx.rank, dist_ctx.world_size)
+                         if val_ids else None)
 
     def check_channels(self, dataset: SegmentationDataset) -> None:
         channels = dataset.load_image(0).shape[0]
@@ -202,17 +213,22 @@ class Trainer:
                            f"channel(s) after loading (--data {self.args.data})")
 
     # ---------------------------------------------------------------- checkpoints
-    def state(self) -> dict:
-        """The paper's checkpoint keys plus what an exact resume needs."""
+    def state(self, windows: list | None = None) -> dict:
+        """The paper's checkpoint keys plus what an exact resume needs (`windows`: every rank's losses since
+        the last losses.csv row; this rank's alone when None)."""
+        if windows is None:
+            windows = [self.cpu_window()]
         return {"state_dict": self.model.state_dict(), "opt": self.optimizer.state_dict(),
                 "epoch": self.iteration // self.steps_per_epoch + 1, "iteration": self.iteration,
                 "best_performance": self.best, "best_iteration": self.best_iteration,
                 "scaler": self.scaler.state_dict(), "history": self.history,
+                "loss_window": windows,
                 "args": {k: v for k, v in vars(self.args).items()}}
 
     def save(self, name: str) -> None:
         """Rank 0 writes `name` atomically; refuses non-finite weights so a diverged run never replaces
         the last good checkpoint."""
+        windows = self.dist.gather_rows([self.cpu_window()]) if self.dist.enabled else None  # a collective
         if not self.dist.is_main:
             return
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -221,10 +237,13 @@ class Trainer:
                            f"{bad[0]}); {name} not written, the last good checkpoint is kept in {self.run_dir}. "
                            f"Try a lower --lr or --amp none.")
         try:
-            save_checkpoint(self.run_dir / name, self.state())
+            save_checkpoint(self.run_dir / name, self.state(windows))
         except OSError as e:
             raise RunError(f"cannot write checkpoint {self.run_dir / name} at iteration {self.iteration}: {e}; "
                            f"the previous {name} (if any) is intact") from e
+
+    def cpu_window(self) -> list:
+        return [{k: v.detach().float().cpu() for k, v in w.items()} for w in self.window]
 
     def all_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of a small CPU tensor over ranks (identity for one process)."""
@@ -235,18 +254,24 @@ class Trainer:
         dist.all_reduce(values, group=self.cpu_group)
         return values
 
-    def resume(self, path) -> None:
-        path = resolve_checkpoint(path, "model_latest.pth")
-        ckpt = load_checkpoint(path)
+    def load_state(self, ckpt: dict, path: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, scaler, iteration, best, history, loss window."""
         load_model_state(self.model, checkpoint_state_dict(ckpt, path), path)
-        if "opt" in ckpt:
-            self.optimizer.load_state_dict(ckpt["opt"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            if ckpt.get("opt"):
+                self.optimizer.load_state_dict(ckpt["opt"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError) as e:
+            raise RunError(f"{path}: its optimizer state does not fit --opt {self.args.opt} "
+                           f"({type(e).__name__}: {e}); resume with the run's own settings") from None
         self.iteration = int(ckpt.get("iteration", 0))
         self.best = float(ckpt.get("best_performance", -math.inf))
         self.best_iteration = int(ckpt.get("best_iteration", 0))
         self.history = list(ckpt.get("history", []))
+        windows = ckpt.get("loss_window") or []
+        own = windows[self.dist.rank] if len(windows) > self.dist.rank else []
+        self.window = [{k: v.to(self.device) for k, v in w.items()} for w in own]
         self.log.info(f"resumed from {path} at iteration {self.iteration}")
 
     # ---------------------------------------------------------------- one step
@@ -269,12 +294,12 @@ class Trainer:
         return logs
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, data: TestData, save_pred: Optional[Path] = None) -> tuple:
+    def evaluate(self, data: TestData, save_pred: Path | None = None) -> tuple:
         # HD95 (a CPU distance transform per image) only at the last iteration: it is reported, not selected on
         final = self.iteration >= self.args.max_ite
         return evaluate(self.model, data, self.args.amp, save_pred, gather=self.dist.gather_rows, with_hd95=final)
 
-    def after_evaluation(self) -> dict:
+    def after_evaluation(self) -> tuple:
         metrics, rows = self.evaluate(self.test_data)
         entry = {"iteration": self.iteration, "test": metrics}
         select = metrics
@@ -316,63 +341,78 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
-        args, log = self.args, self.log
-        spe = self.steps_per_epoch
-        log.info(f"{len(self.batches.dataset)} training images, {self.test_data.total} test "
-                 f"images, {spe} steps per epoch, {self.total_epoch} epochs, device {self.device}")
-        start_epoch, start_step = self.iteration // spe + 1, self.iteration % spe
-        window, final = [], None
-        loss_file = self.run_dir / "losses.csv" if self.dist.is_main else None
+        """Train to --max_ite (or until SIGINT/SIGTERM: a resumable checkpoint) and write metrics.json."""
+        self.log.info(f"{len(self.batches.dataset)} training images, {self.test_data.total} test images, "
+                      f"{self.steps_per_epoch} steps per epoch, {self.total_epoch} epochs, device {self.device}")
         t0 = time.time()
-        bar = None
-        if self.dist.is_main and not args.quiet:
-            from tqdm import tqdm
-            bar = tqdm(total=args.max_ite, initial=self.iteration, dynamic_ncols=True, desc="train")
-        with StopFlag() as stop:
-            for epoch in range(start_epoch, self.total_epoch + 1):
-                lr = lr_at_epoch(args, epoch, self.total_epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                first = (epoch - 1) * spe + 1
-                for it, images, targets in self.batches.epoch(epoch, first, start_step if epoch == start_epoch else 0):
-                    if it > args.max_ite:
-                        break
-                    logs = self.train_step(images, targets)
-                    self.iteration = it
-                    window.append(logs)
-                    if bar is not None:
-                        bar.update(1)
-                    stop_now = self.stop_requested(stop.signal)
-                    must_check = (it % args.val_step == 0 or it % args.save_step == 0 or stop_now
-                                  or it == args.max_ite)
-                    if it % args.log_step == 0 or must_check:
-                        self.check_finite(window)
-                    if it % args.log_step == 0 or it == args.max_ite:
-                        self.log_window(window, lr, loss_file)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{float(window[-1]['loss']):.4f}", lr=f"{lr:.2e}")
-                        window = []
-                    if it % args.val_step == 0 or it == args.max_ite:
-                        final = self.after_evaluation()
-                    if it % args.save_step == 0:
-                        self.save(f"model_ite{it}.pth")
-                    if stop_now:
-                        self.save("model_latest.pth")
-                        log.info(f"{stop.signal or 'stop request on another rank'}: saved a resumable checkpoint "
-                                 f"at iteration {it} to {self.run_dir}/model_latest.pth; resume with: python run.py "
-                                 f"--config {self.run_dir}/config.yaml --resume --ckpt_path {self.run_dir}")
-                        if bar is not None:
-                            bar.close()
-                        return {"interrupted": True, "iteration": it}
-                if self.iteration >= args.max_ite:
-                    break
-        if bar is not None:
-            bar.close()
-        if final is None:  # resumed at max_ite: evaluate once more
-            final = self.after_evaluation()
-        return self.finish(final, time.time() - t0)
+        bar = self.progress_bar()
+        try:
+            with StopFlag() as stop:
+                stopped = self.train_epochs(stop, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if stopped:
+            return self.report_stop(stopped)
+        if self.final is None:  # resumed at max_ite: evaluate once more
+            self.final = self.after_evaluation()
+        return self.finish(self.final, time.time() - t0)
 
-    def stop_requested(self, signal_name: Optional[str]) -> bool:
+    def progress_bar(self):
+        if not self.dist.is_main or self.args.quiet:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.args.max_ite, initial=self.iteration, dynamic_ncols=True, desc="train")
+
+    def train_epochs(self, stop: "StopFlag", bar) -> str | None:
+        """The epochs from the current iteration on; returns the stop request's name, or None at max_ite."""
+        spe, args = self.steps_per_epoch, self.args
+        start_epoch, start_step = self.iteration // spe + 1, self.iteration % spe
+        for epoch in range(start_epoch, self.total_epoch + 1):
+            lr = lr_at_epoch(args, epoch, self.total_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            skip = start_step if epoch == start_epoch else 0
+            for it, images, targets in self.batches.epoch(epoch, (epoch - 1) * spe + 1, skip):
+                if it > args.max_ite:
+                    break
+                self.window.append(self.train_step(images, targets))
+                self.iteration = it
+                if bar is not None:
+                    bar.update(1)
+                stop_now = self.stop_requested(stop.signal)
+                self.after_step(lr, stop_now, bar)
+                if stop_now:
+                    self.save("model_latest.pth")
+                    return stop.signal or "stop request on another rank"
+            if self.iteration >= args.max_ite:
+                break
+        return None
+
+    def after_step(self, lr: float, stop_now: bool, bar) -> None:
+        """What is due at this iteration: loss check, losses.csv row, evaluation, model_ite<N>.pth."""
+        it, args = self.iteration, self.args
+        last = it == args.max_ite
+        log_due, eval_due, save_due = it % args.log_step == 0 or last, it % args.val_step == 0 or last, \
+            it % args.save_step == 0
+        if log_due or eval_due or save_due or stop_now:  # never save weights trained on a non-finite loss
+            self.check_finite(self.window)
+        if log_due:
+            self.log_window(self.window, lr)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(self.window[-1]['loss']):.4f}", lr=f"{lr:.2e}")
+            self.window = []
+        if eval_due:
+            self.final = self.after_evaluation()
+        if save_due:
+            self.save(f"model_ite{it}.pth")
+
+    def report_stop(self, signal_name: str) -> dict:
+        self.log.info(f"{signal_name}: saved a resumable checkpoint at iteration {self.iteration} to {self.run_dir}"
+                      f"/model_latest.pth; resume with: python run.py --resume --ckpt_path {self.run_dir}")
+        return {"interrupted": True, "iteration": self.iteration}
+
+    def stop_requested(self, signal_name: str | None) -> bool:
         """Whether any rank got SIGINT/SIGTERM: ranks decide together, or one would wait forever for the others."""
         if self.cpu_group is None:
             return signal_name is not None
@@ -391,7 +431,7 @@ class Trainer:
                            f"checkpoint is kept in {self.run_dir} (model_latest.pth, if one was saved). "
                            f"Try a lower --lr or --amp none.")
 
-    def log_window(self, window: list, lr: float, loss_file: Optional[Path]) -> None:
+    def log_window(self, window: list, lr: float) -> None:
         keys = list(window[-1])  # means over the window and over ranks (the global batch)
         means = torch.stack([torch.stack([w[k] for w in window]).float().mean() for k in keys]).cpu()
         means = dict(zip(keys, (self.all_ranks(means) / self.dist.world_size).tolist()))
@@ -404,20 +444,32 @@ class Trainer:
             for k, v in means.items():
                 self.writer.add_scalar(f"train/{k}", v, self.iteration)
             self.writer.add_scalar("train/lr", lr, self.iteration)
-        if loss_file is not None:
-            new = not loss_file.exists()
-            with open(loss_file, "a", newline="") as f:
+        if self.dist.is_main:
+            self.append_losses(lr, means)
+
+    def append_losses(self, lr: float, means: dict) -> None:
+        """One losses.csv row; a failing write (full disk...) warns once and training goes on."""
+        if self._losses_failed:
+            return
+        path = self.run_dir / "losses.csv"
+        try:
+            new = not path.exists()
+            with open(path, "a", newline="") as f:
                 w = csv.writer(f)
                 if new:
                     w.writerow(["iteration", "lr"] + list(means))
                 w.writerow([self.iteration, f"{lr:.8e}"] + [f"{v:.8e}" for v in means.values()])
+        except OSError as e:
+            self._losses_failed = True
+            self.log.warning(f"warning: cannot write {path} ({e}); losses are no longer recorded, training goes on")
 
     def finish(self, final: tuple, seconds: float) -> dict:
         metrics, rows = final
-        summary = {"final_iteration": self.iteration, "final": metrics,
+        best_test = next((h["test"] for h in self.history if h["iteration"] == self.best_iteration), None)
+        summary = {"final_iteration": self.iteration, "max_ite": self.args.max_ite, "status": "finished",
+                   "final": metrics,
                    "best": {"iteration": self.best_iteration, "selected_on": "val" if self.val_data else "test",
-                            self.main_metric: self.best,
-                            "test": next((h["test"] for h in self.history if h["iteration"] == self.best_iteration), None)},
+                            self.main_metric: self.best, "test": best_test},
                    "history": self.history, "train_seconds": seconds, "device": device_name(self.device)}
         if self.dist.enabled:  # DDP keeps ranks in sync; record the proof (and warn if it ever fails)
             summary["weights_sha256_per_rank"] = self.dist.gather_rows([weights_digest(self.model)])
@@ -446,3 +498,10 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def checkpoint_bytes(model: torch.nn.Module, opt: str) -> int:
+    """The expected size of one checkpoint: the weights plus the optimizer's state (Adam keeps two moments per
+    parameter, SGD one momentum buffer)."""
+    weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    return weights * (1 + (2 if opt == "adam" else 1))

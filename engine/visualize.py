@@ -2,9 +2,8 @@
 
 Colours are RGB: prediction green, reference (ground truth or pseudo-mask) red.
 """
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -46,7 +45,7 @@ def contour_thickness(shape: Sequence[int]) -> int:
     return max(1, round(min(shape[:2]) / 300))
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray = None, thickness: int = None) -> np.ndarray:
+def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray = None, thickness: int | None = None) -> np.ndarray:
     """Prediction contour (green) and optionally a reference contour (red) on an RGB uint8 image.
 
     Args:

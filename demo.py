@@ -1,10 +1,12 @@
-"""`run.py --demo`: a synthetic polyp dataset with simulated gaze, its gaze maps, and demo-sized flags."""
+"""`run.py --demo` (an entry point beside run.py): a synthetic polyp dataset with simulated gaze, its gaze maps,
+and demo-sized flags."""
 import importlib.util
 from pathlib import Path
 
-DEMO_FLAGS = dict(method="gaze_sup", data="kvasir", in_channels=3, spatial_size=64, features=[8, 8, 16, 32, 64, 8],
-                  feat_dim=8, num_levels=2, opt="adam", lr=3e-3, lr_min=1e-5, lr_scheduler="cos", batch_size=8,
-                  max_ite=300, log_step=50, val_step=100, save_step=300, num_worker=0, weight_decay=1e-4)
+DEMO_FLAGS = {"method": "gaze_sup", "data": "kvasir", "in_channels": 3, "spatial_size": 64,
+              "features": [8, 8, 16, 32, 64, 8], "feat_dim": 8, "num_levels": 2, "opt": "adam", "lr": 3e-3,
+              "lr_min": 1e-5, "lr_scheduler": "cos", "batch_size": 8, "max_ite": 300, "log_step": 50,
+              "val_step": 100, "save_step": 300, "num_worker": 0, "weight_decay": 1e-4}
 
 
 def prepare_demo(args) -> None:
