@@ -20,6 +20,8 @@ USAGE = """
   run.py --test --ckpt_path RUN [--root ROOT]         evaluate a run's model_best.pth (or a .pth) on its test split
   run.py --resume --ckpt_path RUN [--max_ite N]       continue an interrupted run in its own folder
   run.py predict --ckpt_path RUN --input IMAGES --out DIR   masks for new images (run.py predict --help)
+  run.py sweep --presets NAMES --seeds 0,1,2 --root ROOT --exp_path EXP   presets x seeds (run.py sweep --help)
+  run.py summarize EXP                                mean ± std over seeds, summary.md/csv, curves.png
   run.py --demo                                       synthetic data with simulated gaze, trained end to end"""
 
 
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_size_rate", type=float, default=1.0, help="use the first int(n*rate) training ids")
     g.add_argument("--train_split", default="train", help="training split file (ROOT/<name>.txt)")
     g.add_argument("--test_split", default="test", help="test split file (ROOT/<name>.txt)")
-    g.add_argument("--gaze_dir", default="crf_compat1", help="gaze-map folder under ROOT/gaze/")
+    g.add_argument("--gaze_dir", default="crf_compat1", help="gaze-map folder under ROOT/gaze/ (heatmap for a dataset spec with crf: null)")
     g.add_argument("--thresholds", type=_float_list, default=None,
                    help="gaze-map threshold per level, e.g. 0.5,0.3 (default: the dataset spec's table)")
     g.add_argument("--val_fraction", type=float, default=0.0,
@@ -292,6 +294,10 @@ def parse_with_explicit(argv: list[str] | None = None) -> tuple[argparse.Namespa
         raise
     explicit = _normalize({**config, **given})
     explicit.pop("config", None)
+    if "gaze_dir" not in explicit:  # a dataset without a CRF step trains on its heatmaps (python -m gaze)
+        from common.dataspec import load_spec
+        if load_spec(args.data).crf is None:
+            args.gaze_dir = "heatmap"
     return args, explicit
 
 

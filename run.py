@@ -4,6 +4,8 @@
     python run.py --test --ckpt_path RUN [--root ROOT]                       # evaluate a run's model_best.pth
     python run.py --resume --ckpt_path RUN [--max_ite N]                     # continue a run in its folder
     python run.py predict --ckpt_path RUN --input DIR --out DIR              # masks for new images
+    python run.py sweep --presets kvasir_* --seeds 0,1,2 --root ROOT --exp_path EXP   # presets x seeds
+    python run.py summarize EXP                                              # mean ± std table and curves
     python run.py --demo                                                     # synthetic end-to-end demo
 
 A user error (bad flag, file, setting) ends with `error: <one line>` and exit status 2, and a command that
@@ -178,6 +180,12 @@ def main(argv=None) -> int:
     if argv[:1] == ["predict"]:
         from engine.predict import main as predict_main
         return predict_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from engine.sweep import main as sweep_main
+        return sweep_main(argv[1:])
+    if argv[:1] == ["summarize"]:
+        from engine.summarize import main as summarize_main
+        return summarize_main(argv[1:])
     from engine.device import pick_device
     from engine.distributed import cleanup_distributed, init_distributed
     from parse_args import parse_with_explicit

@@ -197,7 +197,7 @@ def test_clear_errors(tmp_path, capsys, data_root):
     not_ckpt = ["--ckpt_path", str(data_root / "train.txt"), "--input", image, "--out", str(tmp_path / "o")]
     assert "corrupt or not a PyTorch checkpoint" in _error(capsys, not_ckpt)
     wrong = _error(capsys, base + ["--input", image, "--features", "8,8,16,16,32,16"])
-    assert "incompatible checkpoint" in wrong and "shape mismatches" in wrong
+    assert "--features [8, 8, 16, 16, 32, 16] (the run recorded [8, 8, 16, 16, 32, 8])" in wrong
     gray = tmp_path / "gray.png"
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(gray)
     msg = _error(capsys, base + ["--input", str(gray)])
