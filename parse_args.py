@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_size_rate", type=float, default=1.0, help="use the first int(n*rate) training ids")
     g.add_argument("--train_split", default="train", help="training split file (ROOT/<name>.txt)")
     g.add_argument("--test_split", default="test", help="test split file (ROOT/<name>.txt)")
-    g.add_argument("--gaze_dir", default="crf_compat1", help="gaze-map folder under ROOT/gaze/ (heatmap for a dataset spec with crf: null)")
+    g.add_argument("--gaze_dir", default="crf_compat1",
+                   help="gaze-map folder under ROOT/gaze/ (heatmap for a dataset spec with crf: null)")
     g.add_argument("--thresholds", type=_float_list, default=None,
                    help="gaze-map threshold per level, e.g. 0.5,0.3 (default: the dataset spec's table)")
     g.add_argument("--val_fraction", type=float, default=0.0,

@@ -6,7 +6,8 @@
 
 A run is identified by (dataset, run_name, seed): its folder EXP/<seed>/<data>/<run_name>_<timestamp>/. A run
 whose metrics.json reached max_ite is skipped; an interrupted one (model_latest.pth, no metrics.json) is
-resumed in its folder with `run.py --resume --ckpt_path RUN` (plus --root, and --device 0 under --gpus); otherwise a new run starts. Each child's output
+resumed in its folder with `run.py --resume --ckpt_path RUN` (plus --root, and --device 0 under --gpus);
+otherwise a new run starts. Each child's output
 goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is reported and the others go on.
 Ctrl-C / SIGTERM: the running children get one SIGTERM (they save model_latest.pth and stop), no new child
 starts; running the same command again continues.

@@ -35,10 +35,10 @@ def _inside(h, w, H, W, in_range):
 
 
 @triton.jit
-def _online_softmax(m, l, r):
-    """One step of a running softmax: max m and normaliser l after seeing the logits r."""
+def _online_softmax(m, norm, r):
+    """One step of a running softmax: max m and normaliser norm after seeing the logits r."""
     m_new = tl.maximum(m, r)
-    return m_new, l * tl.exp(m - m_new) + tl.exp(r - m_new)
+    return m_new, norm * tl.exp(m - m_new) + tl.exp(r - m_new)
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _fwd_kernel(f_ptr, out_ptr, corr_ptr, C, H, W, sfb, sfc, sfh, sfw, sob, soc,
     corr_row = corr_ptr + b * 25 * HW + p
     # pass 1: the 25 correlations (stored) and an online softmax max / normaliser
     m = tl.zeros([BLOCK_P], tl.float32)  # relu(corr) >= 0, so 0 is a valid start
-    l = tl.zeros([BLOCK_P], tl.float32)
+    norm = tl.zeros([BLOCK_P], tl.float32)
     for n in tl.static_range(25):
         nh, nw = h + (2 * (n // 5) - 4), w + (2 * (n % 5) - 4)
         valid = _inside(nh, nw, H, W, in_range)
@@ -64,7 +64,7 @@ def _fwd_kernel(f_ptr, out_ptr, corr_ptr, C, H, W, sfb, sfc, sfh, sfw, sob, soc,
             centre = _load_tile(f, c, c < C, h, w, in_range, sfc, sfh, sfw)
             corr += tl.sum(centre * _load_tile(f, c, c < C, nh, nw, valid, sfc, sfh, sfw), axis=0)
         tl.store(corr_row + n * HW, corr, mask=in_range)
-        m, l = _online_softmax(m, l, tl.maximum(corr, 0.0))
+        m, norm = _online_softmax(m, norm, tl.maximum(corr, 0.0))
     tl.debug_barrier()  # corr was stored in the reduction's thread layout; reread in another
     # pass 2: out = sum_n A_n * F_n, chunk by chunk
     for c0 in range(0, C, BLOCK_C):
@@ -73,7 +73,7 @@ def _fwd_kernel(f_ptr, out_ptr, corr_ptr, C, H, W, sfb, sfc, sfh, sfw, sob, soc,
         for n in tl.static_range(25):
             nh, nw = h + (2 * (n // 5) - 4), w + (2 * (n % 5) - 4)
             valid = _inside(nh, nw, H, W, in_range)
-            attn = tl.exp(tl.maximum(tl.load(corr_row + n * HW, mask=in_range, other=0.0), 0.0) - m) / l
+            attn = tl.exp(tl.maximum(tl.load(corr_row + n * HW, mask=in_range, other=0.0), 0.0) - m) / norm
             acc += attn[None, :] * _load_tile(f, c, c < C, nh, nw, valid, sfc, sfh, sfw)
         offs = c[:, None] * soc + (h * soh + w * sow)[None, :]
         tl.store(out_ptr + b * sob + offs, acc.to(out_ptr.dtype.element_ty),
@@ -98,7 +98,7 @@ def _bwd_attn_kernel(f_ptr, g_ptr, corr_ptr, dattn_ptr, attn_ptr, dcorr_ptr, C, 
     row = b * 25 * HW + p
     corr_row, dattn_row, attn_row, dcorr_row = corr_ptr + row, dattn_ptr + row, attn_ptr + row, dcorr_ptr + row
     m = tl.zeros([BLOCK_P], tl.float32)
-    l = tl.zeros([BLOCK_P], tl.float32)
+    norm = tl.zeros([BLOCK_P], tl.float32)
     for n in tl.static_range(25):  # dA_n and the softmax statistics
         nh, nw = h + (2 * (n // 5) - 4), w + (2 * (n % 5) - 4)
         valid = _inside(nh, nw, H, W, in_range)
@@ -108,15 +108,15 @@ def _bwd_attn_kernel(f_ptr, g_ptr, corr_ptr, dattn_ptr, attn_ptr, dcorr_ptr, C, 
             g_c = _load_tile(g, c, c < C, h, w, in_range, sgc, sgh, sgw)
             d_attn += tl.sum(g_c * _load_tile(f, c, c < C, nh, nw, valid, sfc, sfh, sfw), axis=0)
         tl.store(dattn_row + n * HW, d_attn, mask=in_range)
-        m, l = _online_softmax(m, l, tl.maximum(tl.load(corr_row + n * HW, mask=in_range, other=0.0), 0.0))
+        m, norm = _online_softmax(m, norm, tl.maximum(tl.load(corr_row + n * HW, mask=in_range, other=0.0), 0.0))
     tl.debug_barrier()
     s = tl.zeros([BLOCK_P], tl.float32)  # sum_n attn_n dA_n
     for n in tl.static_range(25):
         corr = tl.load(corr_row + n * HW, mask=in_range, other=0.0)
-        s += tl.exp(tl.maximum(corr, 0.0) - m) / l * tl.load(dattn_row + n * HW, mask=in_range, other=0.0)
+        s += tl.exp(tl.maximum(corr, 0.0) - m) / norm * tl.load(dattn_row + n * HW, mask=in_range, other=0.0)
     for n in tl.static_range(25):
         corr = tl.load(corr_row + n * HW, mask=in_range, other=0.0)
-        attn = tl.exp(tl.maximum(corr, 0.0) - m) / l
+        attn = tl.exp(tl.maximum(corr, 0.0) - m) / norm
         d_attn = tl.load(dattn_row + n * HW, mask=in_range, other=0.0)
         tl.store(attn_row + n * HW, attn, mask=in_range)
         tl.store(dcorr_row + n * HW, tl.where(corr > 0, attn * (d_attn - s), 0.0), mask=in_range)

@@ -401,7 +401,8 @@ def table(report: dict) -> str:
         step = next((r["ms_per_step"] for r in report["train"]
                      if r["variant"] == e["variant"] and r["impl"] == "ours" and "error" not in r), None)
         lines.append(f"end to end ({e['variant']}, {e['train_images']} training images): {e['ms_per_iteration']:.1f} "
-                     f"ms/iteration" + (f", {100 * step / e['ms_per_iteration']:.0f}% of the bare step rate" if step else ""))
+                     f"ms/iteration"
+                     + (f", {100 * step / e['ms_per_iteration']:.0f}% of the bare step rate" if step else ""))
     for impl, best in report["summary"].items():
         line = f"best {impl}: {best['variant']} {best['ms_per_step']:.1f} ms/step"
         if "speedup_vs_reference_fp32" in best:

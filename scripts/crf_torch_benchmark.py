@@ -131,8 +131,8 @@ def main():
         maps["torch-cpu"] = out
     if "torch-cuda" in backends and torch.cuda.is_available():
         for bp in [int(b) for b in args.batch_pixels.split(",")]:
-            run = lambda: crf_refine_torch_batch(images, probs, device="cuda", dtype=dtype,  # noqa: E731
-                                                 batch_pixels=bp, **PAPER)
+            run = lambda bp=bp: crf_refine_torch_batch(images, probs, device="cuda", dtype=dtype,  # noqa: E731
+                                                       batch_pixels=bp, **PAPER)
             k = 1  # warm-up on the first group (CUDA context, allocator, kernels)
             while k < len(probs) and sum(p.size for p in probs[:k]) < bp:
                 k += 1

@@ -60,5 +60,6 @@ def test_readme_table_matches_the_files():
         n = v["num_levels"]
         thresholds = v.get("thresholds") or load_spec(v["data"]).thresholds[n]
         assert levels == f"{n} ({', '.join(f'{t:g}' for t in thresholds)})", name
-        expected = "-" if n == 1 else ("weight 0" if v["cons_weight"] == 0 else f"{v['cons_mode']}, {v['cons_weight']:g}")
+        consistency = "weight 0" if v["cons_weight"] == 0 else f"{v['cons_mode']}, {v['cons_weight']:g}"
+        expected = "-" if n == 1 else consistency
         assert cons == expected, name
