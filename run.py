@@ -16,7 +16,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from common.errors import UserError, report_user_error
+from common.errors import UserError, one_line, report_user_error
 
 INTERRUPTED_EXIT = 130
 
@@ -204,23 +204,12 @@ def main(argv=None) -> int:
         cleanup_distributed()
 
 
-def one_line(e: BaseException) -> str:
-    """The message of `e` on one line. An error raised in a DataLoader worker arrives wrapped in the
-    worker's traceback; its last line is the original message, shown as with --num_worker 0."""
-    text = str(e)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
-            else last
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def cli(argv=None) -> int:
     """`main` with the exit statuses: 0 done, 2 user error (one line), 130 interrupted."""
     try:
         return main(argv)
     except UserError as e:
-        return report_user_error(one_line(e))
+        return report_user_error(e)
     except KeyboardInterrupt as e:  # the second SIGINT/SIGTERM: stop now, without a traceback
         print(f"error: {one_line(e) or 'interrupted'}; the last checkpoint of the run is kept", file=sys.stderr)
         return INTERRUPTED_EXIT

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from common.dataspec import load_spec
-from common.errors import run_cli
+from common.errors import OneLineParser, run_cli
 from datasets.boxes import BOX_CRF_DIR, BOX_DIR, make_box_maps, map_dice_report
 from datasets.io import DataError
 from datasets.prepare_kvasir import prepare_kvasir
@@ -27,7 +27,7 @@ from datasets.util import warn
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m datasets.prepare", description=__doc__,
+    parser = OneLineParser(prog="python -m datasets.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
 

@@ -134,8 +134,11 @@ def make_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 def restored_model(restored: Restored) -> torch.nn.Module:
-    """The model of `restored` with its checkpoint's weights (on the CPU); a mismatch names the file."""
-    model = make_model(restored.config)
+    """The model of `restored` with its checkpoint's weights (on the CPU), for evaluation; a mismatch names the file.
+
+    Evaluation never runs the feature propagation, so the model is built with the torch one: a run trained
+    with --propagation triton evaluates on a machine without CUDA."""
+    model = make_model({**restored.config, "propagation": "torch"})
     try:
         load_model_state(model, checkpoint_state_dict(restored.ckpt, restored.path), restored.path)
     except ValueError as e:

@@ -7,7 +7,6 @@ seeds, the band spans the seeds' minimum to maximum), and prints the table. Unfi
 duplicated runs are listed, not averaged. The std is the sample standard deviation (ddof=1), blank with one
 seed. Torch-free: it only reads config.yaml, metrics.json and losses.csv.
 """
-import argparse
 import csv
 import io
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import UserError
+from common.errors import OneLineParser, UserError
 from common.files import write_text_atomic
 
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
@@ -29,13 +28,6 @@ _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
 
 class SummaryError(UserError):
     """EXP_PATH cannot be summarised (missing, no runs)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors (one `error:` line, exit 2, through run.py)."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
 
 
 @dataclass
@@ -336,7 +328,7 @@ def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
+    p = OneLineParser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
                 "summary.md, runs.csv and curves.png (mean ± sample std over seeds; unfinished runs listed apart).")
     p.add_argument("exp_path", help="the --exp_path of the runs (searched recursively for run folders)")
     p.add_argument("--out", default=None, help="where the summary files go (default: EXP_PATH)")

@@ -12,7 +12,6 @@ goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is repor
 Ctrl-C / SIGTERM: the running children get one SIGTERM (they save model_latest.pth and stop), no new child
 starts; running the same command again continues.
 """
-import argparse
 import os
 import queue
 import signal
@@ -24,18 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import OneLineParser, UserError
 from common.files import write_text_atomic
 from engine.presets import read_preset, resolve_presets
 from engine.summarize import Run, read_run
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 OWNED_FLAGS = {"--config", "--seed", "--exp_path", "--run_name", "--resume", "--ckpt_path", "--test", "--data"}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
 
 
 @dataclass
@@ -309,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    p = _Parser(prog="run.py sweep", description="Run presets x seeds: finished runs are skipped, interrupted "
+    p = OneLineParser(prog="run.py sweep", description="Run presets x seeds: finished runs are skipped, interrupted "
                 "ones resumed in their folder. Flags after `--` are passed to every new run.")
     p.add_argument("--presets", nargs="+", required=True,
                    help="preset names in configs/presets/ (shell patterns such as 'kvasir_*' allowed) or YAML files")

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.dataspec import load_spec  # noqa: E402  (after the path insert: run as a script)
-from common.errors import run_cli  # noqa: E402
+from common.errors import OneLineParser, run_cli  # noqa: E402
 from datasets.io import DataError, read_ids  # noqa: E402
 from datasets.util import make_out_dir, write_list  # noqa: E402
 
@@ -56,7 +56,7 @@ def build(root, out, gaze_dirs=("crf_compat1",), data: str = "kvasir") -> dict:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="prepared root (datasets.prepare + python -m gaze --root ROOT)")
     p.add_argument("--out", required=True, help="compact copy to write")
     p.add_argument("--gaze_dir", nargs="+", default=["crf_compat1"],

@@ -327,7 +327,7 @@ def _corrupt_checkpoint(kind: str, tmp_path: Path, trained: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind,expect", [("list", "holds a list"), ("tensor", "holds a Tensor"),
-                                         ("nan", "not finite"), ("zero_levels", "--num_levels 0")])
+                                         ("nan", "not finite"), ("zero_levels", "num_levels is 0")])
 def test_unusable_checkpoint_is_one_line_naming_it(kind, expect, trained, tmp_path, capsys):
     path = _corrupt_checkpoint(kind, tmp_path, trained)
     line = cli_error(capsys, ["--test", "--ckpt_path", str(path), "--exp_path", str(tmp_path / "exp")])
