@@ -7,6 +7,7 @@ stepped (a global optimizer step hook) and on the lr written to losses.csv, for 
 and without warm-up, and across a resume."""
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,9 @@ def test_a_resumed_run_keeps_the_authors_schedule(data_root, tmp_path):
     the lr the uninterrupted loop gives them (the authors' own resume restarts the epoch; this one does not)."""
     common = ("-bs", "3", "--max_ite", "8", "--lr_scheduler", "cos", "--warmup_ite", "2", "--save_step", "4")
     train(data_root, tmp_path / "a", *common)
-    ckpt = only_run_dir(tmp_path / "a") / "model_ite4.pth"
-    seen = train(data_root, tmp_path / "b", *common, "--resume", "--ckpt_path", str(ckpt))
+    # a copy of the run as it was at iteration 4 (in place, resuming an older checkpoint is refused)
+    copy = tmp_path / "b" / "run"
+    shutil.copytree(only_run_dir(tmp_path / "a"), copy)
+    shutil.copyfile(copy / "model_ite4.pth", copy / "model_latest.pth")
+    seen = train(data_root, tmp_path / "b", *common, "--resume", "--ckpt_path", str(copy))
     assert seen == authors_lrs(8, 3, 2)[4:]
