@@ -182,6 +182,8 @@ class Trainer:
         self.history = []
         self.window = []  # per-step logs since the last losses.csv row (checkpointed: exact rows after a resume)
         self.final = None  # (metrics, rows) of the last evaluation at max_ite
+        self.seconds_before = 0.0  # training time of the run's earlier segments (before a resume)
+        self._t0 = time.time()
         self._preview = None  # training images shown in TensorBoard
         self._log_clock = None  # (time, iteration) of the last log line, for ms/it
         self._losses_failed = False
@@ -222,7 +224,7 @@ class Trainer:
                 "epoch": self.iteration // self.steps_per_epoch + 1, "iteration": self.iteration,
                 "best_performance": self.best, "best_iteration": self.best_iteration,
                 "scaler": self.scaler.state_dict(), "history": self.history,
-                "loss_window": windows,
+                "loss_window": windows, "train_seconds": self.train_seconds(),
                 "args": {k: v for k, v in vars(self.args).items()}}
 
     def save(self, name: str) -> None:
@@ -241,6 +243,10 @@ class Trainer:
         except OSError as e:
             raise RunError(f"cannot write checkpoint {self.run_dir / name} at iteration {self.iteration}: {e}; "
                            f"the previous {name} (if any) is intact") from e
+
+    def train_seconds(self) -> float:
+        """Wall time of training so far, over every segment of a resumed run."""
+        return self.seconds_before + time.time() - self._t0
 
     def cpu_window(self) -> list:
         return [{k: v.detach().float().cpu() for k, v in w.items()} for w in self.window]
@@ -269,6 +275,7 @@ class Trainer:
         self.best = float(ckpt.get("best_performance", -math.inf))
         self.best_iteration = int(ckpt.get("best_iteration", 0))
         self.history = list(ckpt.get("history", []))
+        self.seconds_before = float(ckpt.get("train_seconds") or 0.0)
         windows = ckpt.get("loss_window") or []
         own = windows[self.dist.rank] if len(windows) > self.dist.rank else []
         self.window = [{k: v.to(self.device) for k, v in w.items()} for w in own]
@@ -344,7 +351,7 @@ class Trainer:
         """Train to --max_ite (or until SIGINT/SIGTERM: a resumable checkpoint) and write metrics.json."""
         self.log.info(f"{len(self.batches.dataset)} training images, {self.test_data.total} test images, "
                       f"{self.steps_per_epoch} steps per epoch, {self.total_epoch} epochs, device {self.device}")
-        t0 = time.time()
+        self._t0 = time.time()
         bar = self.progress_bar()
         try:
             with StopFlag() as stop:
@@ -356,7 +363,7 @@ class Trainer:
             return self.report_stop(stopped)
         if self.final is None:  # resumed at max_ite: evaluate once more
             self.final = self.after_evaluation()
-        return self.finish(self.final, time.time() - t0)
+        return self.finish(self.final, self.train_seconds())
 
     def progress_bar(self):
         if not self.dist.is_main or self.args.quiet:
