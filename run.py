@@ -84,6 +84,9 @@ def run_test(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     from engine.train import test_dataset
 
     restored, args = restore_run(args, explicit, "test")
+    run_dir = restored.run_dir.resolve() if restored.run_dir is not None else None
+    if "exp_path" not in explicit and run_dir is not None and run_dir.parent.parent.name == str(args.seed):
+        args.exp_path = str(run_dir.parents[2])  # RUN = EXP/<seed>/<data>/<run>: the evaluation goes beside it
     log = setup_logger(None, args.quiet, dist_ctx.rank)
     for note in restored.notes:
         log.info(f"overridden by the command line: {note}")
