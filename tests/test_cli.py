@@ -87,12 +87,14 @@ def test_run_folder_and_test_reproduce_the_run_with_no_other_flag(trained, data_
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["final_iteration"] == 6 and metrics["max_ite"] == 6 and metrics["status"] == "finished"
     assert [h["iteration"] for h in metrics["history"]] == [3, 6]
-    monkeypatch.chdir(tmp_path)  # the default --exp_path (exp/) lands here
+    monkeypatch.chdir(tmp_path)  # nothing may land in the default --exp_path (exp/) here
     # the run folder means model_best.pth: the test metrics recorded at the best iteration
     assert run.cli(["--test", "--ckpt_path", str(trained), "--root", str(data_root)]) == 0
     # model_latest.pth: the final metrics, without --root (the run recorded it)
     assert run.cli(["--test", "--ckpt_path", str(trained / "model_latest.pth"), "--quiet"]) == 0
-    best_dir, latest_dir = sorted((tmp_path / "exp" / "0" / "kvasir").iterdir())
+    # each evaluation gets its own folder beside the run it evaluates
+    best_dir, latest_dir = sorted(p for p in trained.parent.iterdir() if "_test_" in p.name)[-2:]
+    assert not (tmp_path / "exp").exists()
     for test_dir, expected in ((best_dir, metrics["best"]["test"]), (latest_dir, metrics["final"])):
         tested = json.loads((test_dir / "metrics.json").read_text())["test"]
         for key in set(expected) & set(tested):
