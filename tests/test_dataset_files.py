@@ -1,5 +1,4 @@
 """Which files a prepared dataset needs, the compact copy for GPU sessions, and spec files given as paths."""
-import shutil
 from pathlib import Path
 
 import pytest
@@ -66,21 +65,30 @@ def test_compact_copy_is_built_from_the_prepared_root(no_train_masks, tmp_path, 
     assert "is inside --root" in capsys.readouterr().err
 
 
-def test_spec_file_path_gives_the_same_tensors_as_the_name(kvasir_dir, tmp_path):
-    """Real images: --data configs/data/kvasir.yaml and --data kvasir read identical training and test tensors."""
+def test_spec_file_path_gives_the_same_gaze_maps_and_tensors_as_the_name(kvasir_dir, gazemedseg_dir, tmp_path):
+    """Real images and fixations: --data configs/data/kvasir.yaml and --data kvasir write byte-identical gaze
+    maps and read identical training and test tensors."""
+    from gaze.pipeline import make_gaze_maps
+
     ids = read_ids(kvasir_dir / "splits" / "train.txt")[:3]
-    root = tmp_path / "root"
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-        for i in ids:
-            (root / sub / f"{i}.jpg").symlink_to(kvasir_dir / sub / f"{i}.jpg")
-    (root / "gaze" / "crf_compat1").mkdir(parents=True)
-    for i in ids:  # the masks stand in for gaze maps: this test is about the spec, not the maps
-        shutil.copyfile(kvasir_dir / "masks" / f"{i}.jpg", root / "gaze" / "crf_compat1" / f"{i}.jpg")
     path = str(BUILTIN_DIR / "kvasir.yaml")
+    roots = {}
+    for data in ("kvasir", path):
+        root = roots[data] = tmp_path / ("name" if data == "kvasir" else "path")
+        for sub in ("images", "masks"):
+            (root / sub).mkdir(parents=True)
+            for i in ids:
+                (root / sub / f"{i}.jpg").symlink_to(kvasir_dir / sub / f"{i}.jpg")
+        make_gaze_maps(gazemedseg_dir / "kvasir_fixation.csv", root, data, steps=["heatmap"], workers=1,
+                       quiet=True, sheet=False, report=False, ids=ids)
+    for i in ids:
+        assert (roots["kvasir"] / "gaze" / "heatmap" / f"{i}.jpg").read_bytes() == \
+            (roots[path] / "gaze" / "heatmap" / f"{i}.jpg").read_bytes()
     for train in (True, False):
-        by_name = SegmentationDataset(root, "kvasir", ids, train=train, spatial_size=64, thresholds=[0.5, 0.3])
-        by_path = SegmentationDataset(root, path, ids, train=train, spatial_size=64, thresholds=[0.5, 0.3])
+        by_name = SegmentationDataset(roots["kvasir"], "kvasir", ids, train=train, spatial_size=64,
+                                      thresholds=[0.5, 0.3], gaze_dir="heatmap")
+        by_path = SegmentationDataset(roots[path], path, ids, train=train, spatial_size=64, thresholds=[0.5, 0.3],
+                                      gaze_dir="heatmap")
         for k in range(len(ids)):
             a, b = by_name[k], by_path[k]
             assert a.keys() == b.keys()

@@ -85,9 +85,13 @@ def test_error_is_a_value_error():
     assert issubclass(FixationError, ValueError)
 
 
-@pytest.mark.parametrize("main,sample", [("kvasir_fixation.csv", "kvasir_samples.csv"),
-                                         ("nci-isbi_fixation.csv", "nci-isbi_samples.csv")])
-def test_real_files_and_published_variant_agree(gazemedseg_dir, main, sample):
+def test_real_files_and_published_variant_agree(gazemedseg_dir):
+    for main, sample in (("kvasir_fixation.csv", "kvasir_samples.csv"),
+                         ("nci-isbi_fixation.csv", "nci-isbi_samples.csv")):
+        check_real_file_and_its_published_variant(gazemedseg_dir, main, sample)
+
+
+def check_real_file_and_its_published_variant(gazemedseg_dir, main: str, sample: str) -> None:
     full = read_fixations(gazemedseg_dir / main)
     with open(gazemedseg_dir / main, newline="") as f:  # independent count of data rows
         n_rows = sum(1 for r in csv.reader(f) if r) - 1

@@ -309,9 +309,9 @@ def test_pixels_outside_the_image_error_or_drop(tmp_path, capsys):
     assert "img_b.png: not found" in one_error_line(capsys)
 
 
-def test_missing_pydensecrf_is_a_one_line_error_before_any_work(tmp_path, capsys):
-    if HAVE_CRF:
-        pytest.skip("pydensecrf2 is installed (this checks the message without it)")
+def test_missing_pydensecrf_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch):
+    for name in ("pydensecrf", "pydensecrf.densecrf"):  # as if pydensecrf2 were not installed
+        monkeypatch.setitem(sys.modules, name, None)
     root, csv, _ = make_root(tmp_path, "kvasir", seed=14)
     assert cli(root, csv, tmp_path / "o", "--steps", "heatmap,crf") == 2
     assert "pip install pydensecrf2" in one_error_line(capsys) and not (tmp_path / "o").exists()

@@ -1,6 +1,5 @@
 """gaze.pipeline / python -m gaze on small synthetic roots (both layouts) and on a few real Kvasir images."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,15 +244,3 @@ def test_real_kvasir_few_images(kvasir_dir, gazemedseg_dir, tmp_path):
         d = res["dice"][name]
         assert d["n"] == 4 and 0.3 < d["soft_gt"] < 1 and abs(d["soft_gt"] - d["binary_gt"]) < 0.02
     assert (tmp_path / "report.png").is_file()
-
-
-def test_real_kvasir_spec_path_equals_builtin_name(kvasir_dir, gazemedseg_dir, tmp_path):
-    """`--data configs/data/kvasir.yaml` and `--data kvasir` write byte-identical heatmaps."""
-    ids = read_ids(kvasir_dir / "splits" / "val.txt")[:2]
-    spec = Path(__file__).resolve().parents[1] / "configs" / "data" / "kvasir.yaml"
-    for data, out in (("kvasir", tmp_path / "a"), (str(spec), tmp_path / "b")):
-        make_gaze_maps(gazemedseg_dir / "kvasir_fixation.csv", kvasir_dir, data, out_dir=out, steps=["heatmap"],
-                       workers=1, quiet=True, sheet=False, report=False, ids=ids)
-    for iid in ids:
-        assert (tmp_path / "a" / "heatmap" / f"{iid}.jpg").read_bytes() == \
-            (tmp_path / "b" / "heatmap" / f"{iid}.jpg").read_bytes()

@@ -119,8 +119,8 @@ def test_folder_input_and_trained_checkpoint(tmp_path, data_root):
         assert not (out / f"{path.stem}_prob.png").exists()  # only with --save_prob
 
 
-def test_real_kvasir_project_and_paper_checkpoints(tmp_path, kvasir_dir):
-    files = [str(p) for p in sorted((kvasir_dir / "images").glob("*.jpg"))[:2]]
+def test_project_and_paper_checkpoints_predict_the_same(tmp_path, data_root):
+    files = [str(p) for p in sorted((data_root / "images").glob("*.jpg"))[:2]]
     ours, paper = tmp_path / "ours.pth", tmp_path / "paper.pth"
     random_checkpoint(ours, spatial_size=64)
     random_checkpoint(paper, paper=True)

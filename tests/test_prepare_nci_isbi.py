@@ -319,27 +319,26 @@ def test_real_labels_give_805_slices_and_the_789_of_the_gaze_csv(real_masks, gaz
             assert (im.height, im.width) == sizes[sid], sid
 
 
-@pytest.mark.parametrize("case, k, folder",
-                         [("Prostate3T-01-0001", 13, "nrrd3T"), ("Prostate3T-01-0002", 16, "nrrd3T")])
-def test_real_dicom_samples_pair_with_their_masks(real_masks, nci_isbi_dir, case, k, folder):
-    out, _ = real_masks
-    path = nci_isbi_dir / "dicom-samples" / f"{case}_{k}.dcm"
-    image, mask = read_dicom(path), read_gray(out / "masks" / f"{case}_{k}.png")
-    assert image.shape == mask.shape == (320, 320) and mask.any()
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    assert int(ds.InstanceNumber) == k
-    header = nrrd.read_header(str(nci_isbi_dir / "labels" / folder / f"{case}.nrrd"))
-    ok, message = check_slice_geometry(ds, header, k)
-    assert ok, message
-    for wrong in (k - 1, k + 1):
-        assert not check_slice_geometry(ds, header, wrong)[0]
-
-
-def test_real_dicom_samples_load_through_the_prostate_dataset(real_masks, nci_isbi_dir, tmp_path):
+def test_real_dicom_samples_pair_with_their_masks_and_load(real_masks, nci_isbi_dir, tmp_path):
+    """The two real slices: InstanceNumber k, geometry of slice k only, and the prostate dataset's tensors."""
     from datasets.segmentation import SegmentationDataset
 
     out, _ = real_masks
     ids = ["Prostate3T-01-0001_13", "Prostate3T-01-0002_16"]
+    for sid in ids:
+        case, k = sid.rsplit("_", 1)
+        k = int(k)
+        path = nci_isbi_dir / "dicom-samples" / f"{sid}.dcm"
+        image, mask = read_dicom(path), read_gray(out / "masks" / f"{sid}.png")
+        assert image.shape == mask.shape == (320, 320) and mask.any()
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert int(ds.InstanceNumber) == k
+        header = nrrd.read_header(str(nci_isbi_dir / "labels" / "nrrd3T" / f"{case}.nrrd"))
+        ok, message = check_slice_geometry(ds, header, k)
+        assert ok, message
+        for wrong in (k - 1, k + 1):
+            assert not check_slice_geometry(ds, header, wrong)[0]
+
     for sub in ("images", "masks"):
         (tmp_path / sub).mkdir()
     for sid in ids:  # a prepared root with just these two slices (in tmp, never in the repo)
