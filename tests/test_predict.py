@@ -156,12 +156,39 @@ def test_paper_full_sup_checkpoint(tmp_path, data_root):
     assert Image.open(tmp_path / "o" / "synth0000_mask.png").size == Image.open(image).size
 
 
-def test_dicom_input_with_a_one_channel_model(tmp_path, nci_isbi_dir):
+def write_dicom(path: Path, pixels: np.ndarray) -> None:
+    """A minimal single-frame 16-bit MR slice (what TCIA's NCI-ISBI files are)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).pixel_array.shape == pixels.shape
+
+
+def test_dicom_input_with_a_one_channel_model(tmp_path):
     import pydicom
     ckpt = tmp_path / "prostate.pth"
     model = random_checkpoint(ckpt, in_channels=1, data="prostate", spatial_size=32).eval()
-    files = sorted((nci_isbi_dir / "dicom-samples").glob("*.dcm"))
-    assert predict_main(["--ckpt_path", str(ckpt), "--input", str(nci_isbi_dir / "dicom-samples"), "--out",
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("case_13", (48, 40)), ("case_16", (36, 52))):  # smooth 12-bit slices, two sizes
+        yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+        blob = np.exp(-((yy - shape[0] / 2) ** 2 + (xx - shape[1] / 3) ** 2) / 80.0)
+        write_dicom(folder / f"{name}.dcm", 400 + 3000 * blob + rng.integers(0, 200, shape))
+    files = sorted(folder.glob("*.dcm"))
+    assert predict_main(["--ckpt_path", str(ckpt), "--input", str(folder), "--out",
                          str(tmp_path / "out"), "--save_prob", "--quiet"]) == 0
     for f in files:
         pixels = pydicom.dcmread(str(f)).pixel_array.astype(np.float32)
@@ -172,10 +199,10 @@ def test_dicom_input_with_a_one_channel_model(tmp_path, nci_isbi_dir):
             logits = model(x, propagate=False)["logits"]
         prob = torch.sigmoid(F.interpolate(logits, size=pixels.shape, mode="bilinear", align_corners=False))[0, 0]
         saved = np.asarray(Image.open(tmp_path / "out" / f"{f.stem}_prob.png")).astype(int)
-        assert saved.shape == pixels.shape == (320, 320)
+        assert saved.shape == pixels.shape
         assert np.abs(saved - np.round(prob.numpy() * 255)).max() <= 1
         overlay = np.asarray(Image.open(tmp_path / "out" / f"{f.stem}_overlay.png"))
-        assert overlay.shape == (320, 320, 3)
+        assert overlay.shape == (*pixels.shape, 3)
 
 
 def _error(capsys, argv) -> str:
