@@ -147,6 +147,10 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     if args.resume:
         restored, args = restore_run(args, explicit, "resume")
         check_resume_point(restored, args)
+    if not args.root:
+        from parse_args import FlagError
+        raise FlagError("--root is required to train: the prepared dataset folder (images/, gaze/ or masks/, "
+                        "train.txt, test.txt; see python -m datasets.prepare)", "root")
     log = setup_logger(None, args.quiet, dist_ctx.rank)
     for note in restored.notes if restored else []:
         log.info(f"changed at resume: {note}")

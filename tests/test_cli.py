@@ -359,3 +359,9 @@ def test_bad_data_fails_before_training_naming_the_path(case, data_root, tmp_pat
     line = cli_error(capsys, tiny_argv(root, tmp_path / "exp", "--max_ite", "2", "--quiet"))
     assert expect in line
     assert not (tmp_path / "exp").exists()
+
+
+def test_training_without_root_is_one_line(tmp_path, capsys):
+    line = cli_error(capsys, ["--max_ite", "2", "--exp_path", str(tmp_path / "exp")])
+    assert "--root is required to train" in line
+    assert not (tmp_path / "exp").exists()
