@@ -3,6 +3,8 @@ and demo-sized flags."""
 import importlib.util
 from pathlib import Path
 
+from common.errors import UserError
+
 DEMO_FLAGS = {"method": "gaze_sup", "data": "kvasir", "in_channels": 3, "spatial_size": 64,
               "features": [8, 8, 16, 32, 64, 8], "feat_dim": 8, "num_levels": 2, "opt": "adam", "lr": 3e-3,
               "lr_min": 1e-5, "lr_scheduler": "cos", "batch_size": 8, "max_ite": 300, "log_step": 50,
@@ -17,7 +19,11 @@ def prepare_demo(args) -> None:
 
     root = Path(args.exp_path) / "demo_data"
     if not (root / "test.txt").is_file():
-        csv_path = make_synthetic_dataset(root)
+        try:
+            csv_path = make_synthetic_dataset(root)
+        except OSError as e:
+            raise UserError(f"--exp_path {args.exp_path}: cannot write the demo data to {root} "
+                            f"({e.strerror or e})") from None
     else:
         csv_path = root / "fixations.csv"
     backend = "pydensecrf" if importlib.util.find_spec("pydensecrf") else "torch"
