@@ -160,7 +160,7 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     check_exp_path(existing or args.exp_path, expected_run_bytes(checkpoint_bytes(model, args.opt), args))
     trainer = Trainer(args, None, device, dist_ctx, log, model=model)
     if restored:
-        trainer.load_state(restored.ckpt, restored.path)
+        trainer.load_state(restored)
     trainer.run_dir = open_run_dir(args, dist_ctx, log, existing=existing)
     writer = None
     if dist_ctx.is_main:

@@ -34,7 +34,6 @@ from engine.evaluate import model_outputs, upsample_logits
 from engine.restore import Restored, restore, restored_model
 from engine.run_folder import RunError
 from engine.visualize import overlay, to_uint8_rgb
-from models.checkpoint import infer_model_args  # noqa: F401  (re-exported)
 from parse_args import _int_list
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")

@@ -21,7 +21,6 @@ import yaml
 
 from engine.run_folder import RunError, resolve_checkpoint
 from models.checkpoint import (
-    CheckpointError,
     checkpoint_state_dict,
     infer_model_args,
     load_checkpoint,
@@ -49,6 +48,7 @@ class Restored:
     """What a later command knows about a run: its checkpoint, settings and folder."""
     path: Path
     ckpt: dict
+    state_dict: dict  # the weights, already checked finite by models.checkpoint.checkpoint_state_dict
     config: dict[str, Any]
     run_dir: Path | None = None  # the run folder holding the checkpoint (with a config.yaml), if any
     recorded: bool = True  # False: a paper-format checkpoint (settings from the flags)
@@ -101,17 +101,12 @@ def restore(ckpt_path, explicit: dict[str, Any], command: str, defaults: dict[st
         defaults: every setting's default (used for keys a record lacks, and for paper checkpoints).
     """
     path = resolve_checkpoint(ckpt_path, "model_latest.pth" if command == "resume" else "model_best.pth")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint (a dict with 'state_dict')")
-    try:
-        state = checkpoint_state_dict(ckpt, path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    ckpt = load_checkpoint(path)  # refuses anything but a dict
+    state = checkpoint_state_dict(ckpt, path)  # refuses a missing state dict and non-finite weights
     record, run_dir = read_record(path, ckpt)
     if record is not None:
         config, notes = merge_flags({**defaults, **record}, explicit, command, path)
-        return Restored(path, ckpt, config, run_dir, True, notes)
+        return Restored(path, ckpt, state, config, run_dir, True, notes)
     inferred = infer_model_args(state)
     clash = [f"--{k} {explicit[k]} (the weights say {inferred[k]})" for k in SHAPE_KEYS
              if k in explicit and k in inferred and explicit[k] != inferred[k]]
@@ -123,7 +118,7 @@ def restore(ckpt_path, explicit: dict[str, Any], command: str, defaults: dict[st
     config = {**defaults, **explicit, **inferred}
     if config.get("method") == "gaze_sup" and not config.get("num_levels"):
         raise RunError(f"{path}: cannot tell the number of levels from the checkpoint; pass --num_levels")
-    return Restored(path, ckpt, config, run_dir, False, [])
+    return Restored(path, ckpt, state, config, run_dir, False, [])
 
 
 def make_model(config: dict[str, Any]) -> torch.nn.Module:
@@ -140,12 +135,8 @@ def restored_model(restored: Restored) -> torch.nn.Module:
     with --propagation triton evaluates on a machine without CUDA."""
     model = make_model({**restored.config, "propagation": "torch"})
     try:
-        load_model_state(model, checkpoint_state_dict(restored.ckpt, restored.path), restored.path)
+        load_model_state(model, restored.state_dict, restored.path)
     except ValueError as e:
         shape = ", ".join(f"{k}={restored.config.get(k)}" for k in SHAPE_KEYS)
         raise RunError(f"incompatible checkpoint for a model with {shape}:\n  {e}") from None
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{restored.path}: {len(bad)} weight tensor(s) are not finite (e.g. {bad[0]}); "
-                              "the checkpoint cannot give meaningful predictions")
     return model

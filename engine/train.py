@@ -20,7 +20,7 @@ from engine.evaluate import TestData, autocast, evaluate
 from engine.run_folder import RunError, metrics_table, write_json, write_rows_csv
 from engine.visualize import log_images
 from losses import full_sup_loss, gaze_sup_loss
-from models.checkpoint import checkpoint_state_dict, load_model_state, save_checkpoint
+from models.checkpoint import load_model_state, save_checkpoint
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -260,9 +260,11 @@ class Trainer:
         dist.all_reduce(values, group=self.cpu_group)
         return values
 
-    def load_state(self, ckpt: dict, path: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, scaler, iteration, best, history, loss window."""
-        load_model_state(self.model, checkpoint_state_dict(ckpt, path), path)
+    def load_state(self, restored) -> None:
+        """Continue from a checkpoint (an engine.restore.Restored): weights, optimizer, scaler, iteration, best,
+        history, loss window."""
+        ckpt, path = restored.ckpt, restored.path
+        load_model_state(self.model, restored.state_dict, path)
         try:
             if ckpt.get("opt"):
                 self.optimizer.load_state_dict(ckpt["opt"])

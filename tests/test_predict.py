@@ -15,10 +15,9 @@ from scipy import ndimage
 
 import run
 from common.dataspec import load_spec
-from engine.predict import infer_model_args
 from engine.predict import main as predict_main
 from engine.visualize import PRED_COLOR, denormalize, draw_contours
-from models.checkpoint import save_checkpoint
+from models.checkpoint import infer_model_args, save_checkpoint
 from models.segmentation_net import build_model
 from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
 
