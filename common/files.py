@@ -1,4 +1,5 @@
 """Atomic file writes: readers see the old file or the new one, never half of one."""
+import contextlib
 import json
 import math
 import os
@@ -16,16 +17,24 @@ def _clean(value):
     return value
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = ""):
+    """A temporary path in `path`'s folder for a writer to fill; renamed onto `path` when the block ends
+    without an error, removed in every case. `suffix` keeps a file type that writers infer from the name."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path, payload: dict) -> None:

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import OneLineParser, UserError
-from common.files import write_text_atomic
+from common.files import atomic_path, write_text_atomic
 
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
 
@@ -293,14 +292,11 @@ def plot_curves(runs: list[Run], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
 
 
 def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[list[dict], list[Run]]:

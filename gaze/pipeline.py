@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from common.dataspec import DataSpec, load_spec
 from common.errors import UserError
-from common.files import write_json
+from common.files import atomic_path, write_json
 from datasets.io import DataError, dicom_to_uint8_rgb, image_size, read_dicom, read_gray, read_image
 from gaze import crf as crf_mod
 from gaze import manifest as manifest_mod
@@ -77,12 +77,10 @@ def save_u8(path: Path, u8: np.ndarray) -> None:
     """Save a uint8 map atomically; format from the suffix (JPEG: Pillow's default quality, 75)."""
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[path.suffix.lower()]
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
     try:
-        Image.fromarray(u8).save(tmp, format=fmt)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(u8).save(tmp, format=fmt)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write the map: {e.strerror or e}") from None
 
 
