@@ -1,23 +1,26 @@
 """Training objectives: gaze_sup (per-level BCE to the level's pseudo-mask + cross-level
-consistency) and full_sup (BCE to the ground truth)."""
+consistency), sparse_sup (the same with the partial BCE over labelled pixels) and full_sup (BCE to the
+ground truth)."""
 import torch
 
 from losses.consistency import consistency_losses
-from losses.segmentation import bce_loss
+from losses.segmentation import IGNORE, bce_loss, partial_bce_loss
 
-__all__ = ["bce_loss", "consistency_losses", "gaze_sup_loss", "full_sup_loss"]
+__all__ = ["IGNORE", "bce_loss", "partial_bce_loss", "consistency_losses", "gaze_sup_loss", "full_sup_loss"]
 
 
 def gaze_sup_loss(outputs: dict, pseudo_masks: list[torch.Tensor], cons_weight: float,
-                  cons_mode: str = "prop") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  cons_mode: str = "prop", partial: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_i BCE(logits_i, pseudo_mask_i) + cons_weight * sum_i L_i (the latter only when
-    cons_weight > 0 and N > 1).
+    cons_weight > 0 and N > 1). With `partial`, BCE is the partial BCE over each map's labelled pixels
+    (value IGNORE = unlabelled: sparse labels, the gaze uncertain band); the consistency term is unchanged.
 
     Args:
         outputs: MultiLevelNet outputs (`logits_i`, and `logits_prop_i` for "prop").
-        pseudo_masks: N tensors (B, 1, H, W) in {0, 1}, level i's pseudo-mask.
+        pseudo_masks: N tensors (B, 1, H, W) in {0, 1} (and IGNORE with `partial`), level i's pseudo-mask.
         cons_weight: weight of the consistency term.
         cons_mode: "prop" (the paper's default) or "pure".
+        partial: partial BCE; the maps' labelled pixels are not re-checked here (the datasets do it).
     Returns:
         the total loss and a log dict of detached 0-d tensors (no GPU sync per step): `loss_seg_1..N`,
         `loss_cons` (mean of L_i, only when the term is used) and `loss`.
@@ -30,7 +33,8 @@ def gaze_sup_loss(outputs: dict, pseudo_masks: list[torch.Tensor], cons_weight: 
     log: dict[str, torch.Tensor] = {}
     seg = []
     for i, target in enumerate(pseudo_masks, start=1):
-        seg.append(bce_loss(outputs[f"logits_{i}"], target))
+        logits = outputs[f"logits_{i}"]
+        seg.append(partial_bce_loss(logits, target, check=False) if partial else bce_loss(logits, target))
         log[f"loss_seg_{i}"] = seg[-1].detach()
     total = torch.stack(seg).sum()
     if cons_weight > 0 and num_levels > 1:

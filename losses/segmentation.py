@@ -1,4 +1,5 @@
-"""Pixel-wise binary cross-entropy, averaged per image then over the batch."""
+"""Pixel-wise binary cross-entropy, averaged per image then over the batch; the partial BCE of sparse
+labels (maps with an unlabelled value) averages over the labelled pixels only."""
 import torch
 import torch.nn.functional as F
 
@@ -28,3 +29,29 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     valid = (count > 0).to(dtype)
     per_image = (per_pixel * mask).sum(1) / count.clamp(min=1)
     return (per_image * valid).sum() / valid.sum().clamp(min=1)  # no host sync: no data-dependent branch
+
+
+IGNORE = 255  # the unlabelled value of a supervision map (the segmentation ignore-index convention)
+
+
+def partial_bce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore: int = IGNORE,
+                     check: bool = True) -> torch.Tensor:
+    """Partial BCE (WSL4MIS's pCE for one foreground class): each image's BCE averaged over its labelled
+    pixels, then the mean over the batch. Equals `bce_loss(logits, labels)` when no pixel is unlabelled.
+
+    Args:
+        logits: (B, 1, H, W) raw scores.
+        labels: (B, 1, H, W) with 0 = background, 1 = foreground, `ignore` = unlabelled (any dtype).
+        ignore: the unlabelled value.
+        check: refuse an image without a labelled pixel (one read-back from the device per call). The
+            training datasets check every map when they load it and name the file, so the trainer skips it.
+    Raises:
+        ValueError: (check) an image without a labelled pixel: its loss would be 0/0.
+    """
+    labelled = labels != ignore
+    if not check:
+        return bce_loss(logits, torch.where(labelled, labels, torch.zeros_like(labels)), labelled)
+    empty = (~labelled.flatten(1).any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"partial_bce_loss: image(s) {empty} of the batch have no labelled pixel")
+    return bce_loss(logits, torch.where(labelled, labels, torch.zeros_like(labels)), labelled)

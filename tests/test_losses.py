@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from losses import bce_loss, consistency_losses, full_sup_loss, gaze_sup_loss
+from losses import bce_loss, consistency_losses, full_sup_loss, gaze_sup_loss, partial_bce_loss
 
 
 def sigmoid(x: float) -> float:
@@ -202,3 +202,44 @@ def test_full_sup_loss():
     loss, log = full_sup_loss({"logits": logits}, mask)
     assert loss.item() == pytest.approx(bce_direct(logits, mask), rel=1e-5)
     assert log == {"loss": pytest.approx(loss.item())}
+
+
+# ---------------------------------------------------------------- partial BCE (sparse labels)
+def test_partial_bce_is_the_mean_over_labelled_pixels_by_hand():
+    # image 0: labelled pixels (0,0)=1 at logit 2, (0,1)=0 at logit -1; image 1: one labelled pixel (1,1)=0 at 0.5
+    logits = torch.tensor([[[[2.0, -1.0], [7.0, -9.0]]], [[[3.0, 4.0], [5.0, 0.5]]]], dtype=torch.float64)
+    labels = torch.tensor([[[[1, 0], [255, 255]]], [[[255, 255], [255, 0]]]], dtype=torch.uint8)
+    image0 = (-math.log(sigmoid(2.0)) - math.log(1 - sigmoid(-1.0))) / 2
+    image1 = -math.log(1 - sigmoid(0.5))
+    assert partial_bce_loss(logits, labels).item() == pytest.approx((image0 + image1) / 2, rel=1e-12)
+
+
+def test_partial_bce_equals_plain_bce_when_every_pixel_is_labelled():
+    g = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(3, 1, 7, 6, generator=g, dtype=torch.float64)
+    labels = (torch.rand(3, 1, 7, 6, generator=g) < 0.4).to(torch.float64)
+    assert partial_bce_loss(logits, labels).item() == pytest.approx(bce_loss(logits, labels).item(), rel=1e-12)
+
+
+def test_partial_bce_refuses_an_image_without_labelled_pixels():
+    labels = torch.full((2, 1, 3, 3), 255.0)
+    labels[0, 0, 1, 1] = 1
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\].*no labelled pixel"):
+        partial_bce_loss(torch.zeros(2, 1, 3, 3), labels)
+
+
+def test_gaze_sup_loss_partial_leaves_the_consistency_term_unchanged():
+    outputs = random_outputs(2, seed=4)
+    g = torch.Generator().manual_seed(5)
+    masks = [(torch.rand(2, 1, 6, 5, generator=g) < 0.5).double() for _ in range(2)]
+    sparse = [torch.where(torch.rand(2, 1, 6, 5, generator=g) < 0.5, m, torch.full_like(m, 255)) for m in masks]
+    for m in sparse:
+        m[:, 0, 0, 0] = 1  # every image labelled somewhere
+    _, dense_log = gaze_sup_loss(outputs, masks, 3.0, "prop")
+    total, log = gaze_sup_loss(outputs, sparse, 3.0, "prop", partial=True)
+    assert log["loss_cons"].item() == pytest.approx(dense_log["loss_cons"].item(), rel=1e-12)
+    for i in (1, 2):
+        labelled = sparse[i - 1] != 255
+        assert log[f"loss_seg_{i}"].item() == pytest.approx(
+            bce_direct(outputs[f"logits_{i}"].detach(), sparse[i - 1].clamp(max=1), labelled), rel=1e-9)
+    assert total.item() == pytest.approx(log["loss_seg_1"] + log["loss_seg_2"] + 3.0 * 2 * log["loss_cons"], rel=1e-9)
