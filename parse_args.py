@@ -14,7 +14,8 @@ import yaml
 
 from common.errors import UserError
 
-METHOD_ALIASES = {"gaze": "gaze_sup", "gaze_sup": "gaze_sup", "full": "full_sup", "full_sup": "full_sup"}
+METHOD_ALIASES = {"gaze": "gaze_sup", "gaze_sup": "gaze_sup", "full": "full_sup", "full_sup": "full_sup",
+                  "sparse": "sparse_sup", "sparse_sup": "sparse_sup"}
 USAGE = """
   run.py [--config YAML] [flags]                      train (the paper's flags; see below)
   run.py --test --ckpt_path RUN [--root ROOT]         evaluate a run's model_best.pth (or a .pth) on its test split
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None, help="YAML file whose keys are flag names; explicit flags override it")
     g.add_argument("-m", "--method", default="gaze_sup", choices=sorted(METHOD_ALIASES),
-                   help="gaze_sup: train on gaze pseudo-masks; full_sup: train on ground-truth masks "
-                        "(gaze, full: aliases)")
+                   help="gaze_sup: train on gaze pseudo-masks; sparse_sup: on sparse labels (points, scribbles: "
+                        "ROOT/labels/<--label_dir>/, partial BCE over labelled pixels); full_sup: on ground-truth "
+                        "masks (gaze, sparse, full: aliases)")
     g.add_argument("--data", default="kvasir", help="dataset: a built-in spec (kvasir, prostate) or a spec YAML file")
     g.add_argument("--root", default=None, help="prepared dataset folder (images/, masks/, gaze/, train.txt, test.txt)")
     g.add_argument("--exp_path", default="exp", help="runs go to EXP/<seed>/<data>/<run_id>_<timestamp>/")
@@ -105,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gaze-map folder under ROOT/gaze/ (heatmap for a dataset spec with crf: null)")
     g.add_argument("--thresholds", type=_float_list, default=None,
                    help="gaze-map threshold per level, e.g. 0.5,0.3 (default: the dataset spec's table)")
+    g.add_argument("--ignore_below", type=_float_list, default=None,
+                   help="gaze_sup's uncertain band (GNAN), one value per level, each below the level's threshold: "
+                        "pixels with ignore_below_i <= gaze < threshold_i are unlabelled (partial BCE)")
+    g.add_argument("--label_dir", default=None,
+                   help="sparse_sup: label-map folder under ROOT/labels/ (e.g. points, scribbles); PNG maps with "
+                        "0 = background, 1 = foreground, 255 = unlabelled")
     g.add_argument("--val_fraction", type=float, default=0.0,
                    help="hold out this seeded fraction of the training ids (with their GT masks) to select "
                         "model_best; 0 selects on the test split as the paper does")
@@ -257,12 +265,36 @@ def check_args(args: argparse.Namespace) -> None:
             if len(args.thresholds) != args.num_levels or not all(0 < t < 1 for t in args.thresholds):
                 raise FlagError(f"--thresholds {args.thresholds}: expected {args.num_levels} value(s) (one per "
                                 f"level, --num_levels {args.num_levels}), each strictly between 0 and 1", "thresholds")
-        else:
-            spec.level_thresholds(args.num_levels)
+        thresholds = args.thresholds or spec.level_thresholds(args.num_levels)
+        if args.ignore_below is not None:
+            check_ignore_below(args.ignore_below, thresholds)
+    elif args.ignore_below is not None:
+        raise FlagError(f"--ignore_below is for -m gaze_sup (the gaze uncertain band), not -m {args.method}",
+                        "ignore_below")
+    if args.method == "sparse_sup" and not args.label_dir and not (args.test or args.resume):
+        raise FlagError("-m sparse_sup needs --label_dir (a folder under ROOT/labels/, e.g. points or scribbles)",
+                        "label_dir")
+    if args.label_dir is not None and args.method != "sparse_sup":
+        raise FlagError(f"--label_dir is for -m sparse_sup, not -m {args.method}", "label_dir")
+    if args.label_dir is not None and (not args.label_dir or "/" in args.label_dir or "\\" in args.label_dir
+                                       or args.label_dir in (".", "..")):
+        raise FlagError(f"--label_dir {args.label_dir!r}: expected a folder name under ROOT/labels/ (e.g. points)",
+                        "label_dir")
     if args.test and args.resume:
         raise FlagError("--test and --resume exclude each other")
     if (args.test or args.resume) and not args.ckpt_path:
         raise FlagError(f"--{'test' if args.test else 'resume'} needs --ckpt_path (a run folder or a .pth file)")
+
+
+def check_ignore_below(values: list[float], thresholds: list[float]) -> None:
+    """--ignore_below: one value per level, 0 <= L_i < threshold_i (else the band is empty or inverted)."""
+    if len(values) != len(thresholds):
+        raise FlagError(f"--ignore_below {values}: expected {len(thresholds)} value(s), one per level "
+                        f"(thresholds {thresholds})", "ignore_below")
+    bad = [f"{v:g} >= {t:g}" for v, t in zip(values, thresholds) if not 0 <= v < t]
+    if bad or any(v < 0 for v in values):
+        raise FlagError(f"--ignore_below {values}: each value must be >= 0 and below its level's threshold "
+                        f"(thresholds {thresholds}); got {', '.join(bad) or 'a negative value'}", "ignore_below")
 
 
 # ---------------------------------------------------------------- parsing

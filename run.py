@@ -101,7 +101,7 @@ def run_test(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     write_json(run_dir / "metrics.json", {"checkpoint": str(restored.path), "test": metrics,
                                           "checkpoint_iteration": restored.ckpt.get("iteration")})
     write_rows_csv(run_dir / "per_image_metrics.csv", rows)
-    levels = args.num_levels if args.method == "gaze_sup" else 0
+    levels = args.num_levels if args.method != "full_sup" else 0
     log.info(f"test metrics of {restored.path} ({args.spatial_size} px):\n" + metrics_table(metrics, levels))
     return 0
 

@@ -66,6 +66,31 @@ def read_gray(path) -> np.ndarray:
         raise DataError(f"cannot read {path}: {e}") from e
 
 
+LABEL_VALUES = (0, 1, 255)  # sparse label maps: background, foreground, unlabelled
+
+
+def read_labels(path) -> np.ndarray:
+    """A sparse label map (ROOT/labels/<kind>/<id>.png) as uint8 (H, W): 0 = background, 1 = foreground,
+    255 = unlabelled; any other value is an error naming the file (a lossy format such as JPEG would
+    smear the values, so only lossless files are read)."""
+    path = _require(path)
+    try:
+        with Image.open(path) as im:
+            if im.format not in ("PNG", "BMP", "TIFF") or im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"sparse label map {path}: expected a single-channel lossless image (PNG), "
+                                f"got {im.format} mode {im.mode}")
+            labels = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    bad = np.setdiff1d(np.unique(labels), LABEL_VALUES)
+    if bad.size:
+        raise DataError(f"sparse label map {path} has value(s) {bad[:5].tolist()}; expected only 0 (background), "
+                        "1 (foreground) and 255 (unlabelled)")
+    return labels.astype(np.uint8)
+
+
 def dicom_to_uint8_rgb(pixels: np.ndarray) -> np.ndarray:
     """Min-max scale a DICOM slice to 0-255 uint8 and replicate to 3 channels (the CRF's colour input)."""
     lo, hi = float(pixels.min()), float(pixels.max())

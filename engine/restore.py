@@ -26,7 +26,7 @@ from models.checkpoint import (
     load_checkpoint,
     load_model_state,
 )
-from models.segmentation_net import build_model
+from models.segmentation_net import MULTI_LEVEL_METHODS, build_model
 
 SHAPE_KEYS = ("method", "num_levels", "in_channels", "features", "feat_dim")
 # flags that say what to do, not what the run is: never compared with the record
@@ -116,7 +116,7 @@ def restore(ckpt_path, explicit: dict[str, Any], command: str, defaults: dict[st
         raise RunError(f"{path} does not record the input size it was trained at; pass --spatial_size "
                        "(the paper's scripts use 224)")
     config = {**defaults, **explicit, **inferred}
-    if config.get("method") == "gaze_sup" and not config.get("num_levels"):
+    if config.get("method") in MULTI_LEVEL_METHODS and not config.get("num_levels"):
         raise RunError(f"{path}: cannot tell the number of levels from the checkpoint; pass --num_levels")
     return Restored(path, ckpt, state, config, run_dir, False, [])
 

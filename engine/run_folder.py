@@ -36,7 +36,10 @@ def run_id(args) -> str:
         return args.run_name
     if args.method == "full_sup":
         return "full_sup"
-    return f"gaze_sup_{args.num_levels}levels_{args.cons_mode}{args.cons_weight:g}"
+    if args.method == "sparse_sup":
+        return f"sparse_{args.label_dir}_{args.num_levels}levels_{args.cons_mode}{args.cons_weight:g}"
+    band = "_band" if getattr(args, "ignore_below", None) else ""
+    return f"gaze_sup_{args.num_levels}levels_{args.cons_mode}{args.cons_weight:g}{band}"
 
 
 def data_name(args) -> str:

@@ -21,6 +21,7 @@ from engine.run_folder import RunError, metrics_table, write_json, write_rows_cs
 from engine.visualize import log_images
 from losses import full_sup_loss, gaze_sup_loss
 from models.checkpoint import load_model_state, save_checkpoint
+from models.segmentation_net import MULTI_LEVEL_METHODS
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -106,7 +107,7 @@ def preload_fits(dataset: SegmentationDataset, device: torch.device, share: floa
                  available: float | None = None) -> bool:
     """--preload auto: keep the resized training set (float32 images, uint8 targets) when it takes at most
     `share` of the free memory where it would live (`available` bytes; measured when None)."""
-    levels = len(dataset.thresholds) if dataset.uses_gaze() else 1
+    levels = dataset.target_levels()
     need = len(dataset) * dataset.size ** 2 * (4 * dataset.spec.in_channels + levels)
     return need <= share * (available_memory(device) if available is None else available)
 
@@ -165,7 +166,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(args, self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        self.main_metric = "mdice" if args.method == "gaze_sup" else "miou"
+        self.main_metric = "mdice" if args.method in MULTI_LEVEL_METHODS else "miou"
         self.load_data()
         self.net = self.model
         if dist_ctx.enabled:  # `head` is in the state dict but unused in forward
@@ -196,7 +197,9 @@ class Trainer:
         train_ids, val_ids = split_ids(args)
         thresholds = level_thresholds(args.data, args.num_levels, args.thresholds) if args.method == "gaze_sup" else []
         train_set = SegmentationDataset(args.root, args.data, train_ids, train=True, method=args.method,
-                                        spatial_size=args.spatial_size, thresholds=thresholds, gaze_dir=args.gaze_dir)
+                                        spatial_size=args.spatial_size, thresholds=thresholds, gaze_dir=args.gaze_dir,
+                                        label_dir=getattr(args, "label_dir", None),
+                                        ignore_below=getattr(args, "ignore_below", None), num_levels=args.num_levels)
         self.check_channels(train_set)
         workers = args.num_worker
         preload = args.preload == "yes" or (args.preload == "auto" and preload_fits(train_set, device))
@@ -289,11 +292,12 @@ class Trainer:
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, args.amp):
-            if args.method == "gaze_sup":
+            if args.method in MULTI_LEVEL_METHODS:
                 propagate = args.cons_mode == "prop" and args.cons_weight > 0 and args.num_levels > 1
                 outputs = self.net(images, propagate=propagate)
                 masks = [targets[:, i:i + 1] for i in range(args.num_levels)]
-                loss, logs = gaze_sup_loss(outputs, masks, args.cons_weight, args.cons_mode)
+                partial = args.method == "sparse_sup" or getattr(args, "ignore_below", None) is not None
+                loss, logs = gaze_sup_loss(outputs, masks, args.cons_weight, args.cons_mode, partial)
             else:
                 loss, logs = full_sup_loss(self.net(images), targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -334,7 +338,7 @@ class Trainer:
             self.save("model_best.pth")
         if self.writer is not None:
             log_images(self.writer, self.model, self.iteration, self.test_data, *self.train_preview(4),
-                       gaze_sup=self.args.method == "gaze_sup")
+                       gaze_sup=self.args.method in MULTI_LEVEL_METHODS)
         return metrics, rows
 
     def train_preview(self, count: int) -> tuple:
@@ -492,7 +496,8 @@ class Trainer:
             write_json(self.run_dir / "metrics.json", summary)
             write_rows_csv(self.run_dir / "per_image_metrics.csv", rows)
         self.log.info("final-iteration test metrics:\n" + metrics_table(metrics, self.args.num_levels
-                                                                          if self.args.method == "gaze_sup" else 0))
+                                                                          if self.args.method in MULTI_LEVEL_METHODS
+                                                                          else 0))
         return summary
 
 

@@ -83,7 +83,7 @@ def log_images(writer, model: torch.nn.Module, iteration: int, test_data, train_
     for i in range(1, train_targets.shape[1] + 1) if gaze_sup else [0]:
         key, tag = (f"logits_{i}", f"images/train_level_{i}") if i else ("logits", "images/train")
         preds = (torch.sigmoid(outputs[key].float()) > 0.5)[:, 0].cpu().numpy()
-        refs = train_targets[:, max(i - 1, 0)].cpu().numpy()
+        refs = (train_targets[:, max(i - 1, 0)] == 1).cpu().numpy()  # unlabelled (255) not shown as foreground
         panels = [overlay(denormalize(x), p, r) for x, p, r in zip(train_images, preds, refs)]
         writer.add_images(tag, np.stack(panels), iteration, dataformats="NHWC")
     model.train(was_training)

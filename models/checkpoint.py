@@ -251,13 +251,14 @@ def check_recorded_args(saved: dict, path: str | os.PathLike | None = None) -> N
     def positive_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-    checks = {"method": (lambda v: v in ("gaze_sup", "full_sup"), "'gaze_sup' or 'full_sup'"),
+    methods = ("gaze_sup", "sparse_sup", "full_sup")
+    checks = {"method": (lambda v: v in methods, "'gaze_sup', 'sparse_sup' or 'full_sup'"),
               "in_channels": (positive_int, "an integer >= 1"),
               "feat_dim": (positive_int, "an integer >= 1"),
               "features": (lambda v: isinstance(v, (list, tuple)) and len(v) == 6 and all(map(positive_int, v)),
                            "6 integers >= 1"),
               "spatial_size": (positive_int, "an integer >= 1")}
-    if saved.get("method", "gaze_sup") == "gaze_sup":  # full_sup runs record the unused default too
+    if saved.get("method", "gaze_sup") in ("gaze_sup", "sparse_sup"):  # full_sup runs record the unused default too
         checks["num_levels"] = (positive_int, "an integer >= 1")
     for key, (ok, expected) in checks.items():
         if key in saved and not ok(saved[key]):

@@ -11,6 +11,8 @@ from models.feature_propagation import PROPAGATIONS, Propagation, propagation_fu
 
 PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
 
+MULTI_LEVEL_METHODS = ("gaze_sup", "sparse_sup")  # one network per level, consistency between levels
+
 
 class SegNet(nn.Module):
     """One U-Net level: `encoder` (BasicUNet -> feat_dim channels), `head` (a projection head kept
@@ -112,10 +114,10 @@ def build_model(
     num_groups: int = 4,
     propagation: "str | Propagation" = "torch",
 ) -> nn.Module:
-    """"gaze_sup" -> MultiLevelNet(num_levels), "full_sup" -> SegNet; both return dicts with "logits".
+    """"gaze_sup", "sparse_sup" -> MultiLevelNet(num_levels), "full_sup" -> SegNet; both return dicts with "logits".
 
     Args:
-        method: "gaze_sup" or "full_sup".
+        method: "gaze_sup", "sparse_sup" (the same network, trained on sparse labels) or "full_sup".
         num_levels, in_channels, features, feat_dim, num_groups: as MultiLevelNet / SegNet.
         propagation: feature propagation for gaze_sup's consistency loss: "torch" (default, any device),
             "triton" (fused kernels, CUDA only) or a callable. It changes no weights: a checkpoint trained
@@ -124,13 +126,13 @@ def build_model(
     Raises:
         UserError: an unknown propagation name, or "triton" without triton or a CUDA device.
     """
-    if method == "gaze_sup":
+    if method in MULTI_LEVEL_METHODS:
         return MultiLevelNet(num_levels, in_channels, features, feat_dim, num_groups, propagation)
     if method == "full_sup":
         if isinstance(propagation, str) and propagation not in PROPAGATIONS:
             propagation_function(propagation)  # the same error as gaze_sup's
         return SegNet(in_channels, features, feat_dim, num_groups)
-    raise ValueError(f"build_model: unknown method {method!r}; expected 'gaze_sup' or 'full_sup'")
+    raise ValueError(f"build_model: unknown method {method!r}; expected 'gaze_sup', 'sparse_sup' or 'full_sup'")
 
 
 @torch.no_grad()
