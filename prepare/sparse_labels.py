@@ -51,7 +51,6 @@ from PIL import Image
 from scipy import ndimage
 
 from common.dataspec import load_spec
-from common.errors import OneLineParser, run_cli
 from common.files import write_json, write_text_atomic
 from datasets.io import DataError, read_gray, read_ids
 
@@ -337,11 +336,6 @@ def run(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(prog="python -m prepare sparse", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run_cli(lambda v: run(p.parse_args(v)), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """`python -m prepare sparse ARGS` (prepare/cli.py) with ARGS = argv."""
+    from prepare.cli import main as prepare_main
+    return prepare_main(["sparse", *(argv if argv is not None else sys.argv[1:])])

@@ -9,7 +9,6 @@ from PIL import Image
 
 from datasets.io import DataError, read_labels
 from datasets.segmentation import gaze_targets, resize_labels
-from datasets.synthetic import make_synthetic_dataset
 from prepare.sparse_labels import (
     IGNORE,
     image_rng,
@@ -18,6 +17,7 @@ from prepare.sparse_labels import (
     simulate_points,
     simulate_scribbles,
 )
+from prepare.synthetic import make_synthetic_dataset
 
 
 def masks() -> list:
