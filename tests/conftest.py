@@ -44,3 +44,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a training run or other test over ~3 s (deselect with -m 'not slow')")
