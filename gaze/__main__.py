@@ -1,4 +1,5 @@
 """python -m gaze --csv FIXATIONS.csv --root ROOT --data NAME_OR_SPEC [options]: see gaze.pipeline.
+python -m gaze simulate --root ROOT --out FIXATIONS.csv [options]: simulated fixations, see gaze.simulate.
 
 Every error a user can cause (bad CSV, missing folder, bad option) exits with status 2 and one line
 `error: ...` on stderr; a traceback means a bug in the project.
@@ -11,7 +12,8 @@ from common.errors import OneLineParser, run_cli
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m gaze", description="Fixation CSV -> gaze heatmaps -> "
-                                "dense-CRF gaze maps -> Dice report (GazeMedSeg recipe).")
+                                "dense-CRF gaze maps -> Dice report (GazeMedSeg recipe). "
+                                "`python -m gaze simulate --help`: simulated fixations from masks.")
     p.add_argument("--csv", required=True, help="fixation CSV (GazeMedSeg columns, or any CSV with --columns)")
     p.add_argument("--root", required=True, help="dataset root with images/ (and masks/ for the report); only read")
     p.add_argument("--data", required=True, help="built-in dataset (kvasir, prostate) or a dataset spec YAML")
@@ -40,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """The command; a UserError becomes `error: ...` and exit status 2 (common.errors.run_cli)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["simulate"]:
+        from gaze.simulate import main as simulate_main
+        return simulate_main(argv[1:])
     return run_cli(_main, argv)
 
 
