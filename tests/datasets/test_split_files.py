@@ -11,7 +11,7 @@ import run
 from datasets.io import DataError, read_ids
 from prepare.cli import main as prepare_main
 from tests.helpers import one_error_line, tiny_argv
-from tests.test_prepare_kvasir import make_kvasir, write_split
+from tests.prepare.test_kvasir import make_kvasir, write_split
 
 SIZES = {"a": (40, 36), "polyp 01": (44, 40), "b": (36, 44), "c": (40, 40), "d": (48, 36), "e": (36, 36)}
 TRAIN, TEST = ["a", "polyp 01", "b", "c"], ["d", "e"]

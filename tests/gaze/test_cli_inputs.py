@@ -15,8 +15,8 @@ from gaze.__main__ import main
 from gaze.fixations import FixationError, parse_columns, read_fixations
 from gaze.heatmap import gaze_heatmap, to_uint8
 from gaze.pipeline import crf_to_uint8, make_gaze_maps
+from tests.gaze.test_pipeline import HAVE_CRF, HEADER, SIZES, make_root
 from tests.helpers import one_error_line
-from tests.test_gaze_pipeline import HAVE_CRF, HEADER, SIZES, make_root
 
 REPO = Path(__file__).resolve().parents[2]
 needs_crf = pytest.mark.skipif(not HAVE_CRF, reason="pydensecrf2 is not installed (pip install pydensecrf2==1.1)")
