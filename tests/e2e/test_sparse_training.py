@@ -11,7 +11,7 @@ import run
 from engine.predict import main as predict_main
 from models.checkpoint import load_checkpoint
 from prepare.sparse_labels import make_sparse_labels
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import one_error_line, only_run_dir, tiny_argv, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = ["--spatial_size", "32", "--max_ite", "4", "--log_step", "2", "--val_step", "2", "--save_step", "2",
@@ -20,6 +20,7 @@ FLAGS = ["--spatial_size", "32", "--max_ite", "4", "--log_step", "2", "--val_ste
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """Its own tiny dataset (the session's is read-only) with simulated scribbles in ROOT/labels/scribbles."""
     root = tiny_dataset(tmp_path_factory.mktemp("data"))
     make_sparse_labels(root, "scribbles", sheet=False)
     return root
@@ -28,10 +29,7 @@ def data_root(tmp_path_factory):
 def cli_error(capsys, argv) -> str:
     capsys.readouterr()
     assert run.cli(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.slow
