@@ -1,5 +1,5 @@
 """Presets: the paper's runs, ablations and baselines as YAML files under configs/presets/ (keys = run.py flag
-names, `run_name` = the file's name). `python -m engine.presets` prints the README's table of them."""
+names, `run_name` = the file's name). `python -m engine.presets` prints the table of them in docs/reference/presets.md."""
 import fnmatch
 from pathlib import Path
 
