@@ -45,7 +45,8 @@ def readme_rows() -> dict:
 
 
 def test_readme_table_matches_the_files():
-    """docs/reference/presets.md: | preset | data | pseudo-masks | levels (thresholds) | consistency | what it is | command |"""
+    """docs/reference/presets.md:
+    | preset | data | pseudo-masks | levels (thresholds) | consistency | what it is | command |"""
     rows = readme_rows()
     assert set(rows) == {p.stem for p in PRESETS}
     for path in PRESETS:
