@@ -28,16 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 PARSERS = {
     "python run.py": "parse_args:build_parser",
     "python run.py predict": "engine.predict:build_parser",
-    "python run.py sweep": "engine.sweep:build_parser",
-    "python run.py summarize": "engine.summarize:build_parser",
+    "python run.py sweep": "experiments.sweep:build_parser",
+    "python run.py summarize": "experiments.summarize:build_parser",
     "python -m gaze": "gaze.__main__:parser",
-    "python -m prepare": "datasets.prepare:_parser",
-    "python -m datasets.prepare": "datasets.prepare:_parser",  # the old name of `python -m prepare`
+    "python -m prepare": "prepare.cli:_parser",
 }
-# Modules the docs name by the path they move to, and where they are today (empty once the move is merged).
-MODULES = {
-    "experiments.presets": "engine.presets",
-}
+# Modules the docs name by a path they are moving to, and where they are today (`python -m NAME` is checked
+# as `python -m MODULES.get(NAME, NAME)`).
+MODULES: dict = {}
 # Files linked from the docs that other branches are writing. Remove an entry when its file is merged:
 # test_pending_files_are_still_missing fails as soon as one exists.
 PENDING = {

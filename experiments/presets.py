@@ -1,5 +1,5 @@
 """Presets: the paper's runs, ablations and baselines as YAML files under configs/presets/ (keys = run.py flag
-names, `run_name` = the file's name). `python -m engine.presets` prints docs/reference/presets.md's table."""
+names, `run_name` = the file's name). `python -m experiments.presets` prints docs/reference/presets.md's table."""
 import fnmatch
 from pathlib import Path
 
