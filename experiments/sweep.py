@@ -27,9 +27,10 @@ from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError
 from common.files import write_text_atomic
 from experiments.presets import read_preset, resolve_presets
 from experiments.summarize import Run, read_run
+from parse_args import SWEEP_OWNED, flags_with
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
-OWNED_FLAGS = {"--config", "--seed", "--exp_path", "--run_name", "--resume", "--ckpt_path", "--test", "--data"}
+OWNED_FLAGS = {f"--{name}" for name in flags_with(SWEEP_OWNED)}  # they identify a run
 
 
 @dataclass

@@ -376,6 +376,17 @@ def test_dataset_spec_examples_parse():
         assert all(f"| `{key}` |" in reference for key in raw), where
 
 
+def test_quoted_config_files_are_the_files():
+    """A YAML block introduced by "This is `configs/....yaml`:" shows that file, byte for byte."""
+    quoted = 0
+    for path in DOCS:
+        text = path.read_text()
+        for name, block in re.findall(r"This is\s+`(configs/[^`]+\.yaml)`:\n\n```yaml\n(.*?)```", text, re.S):
+            assert block == (REPO / name).read_text(), f"{rel(path)}: {name}"
+            quoted += 1
+    assert quoted >= 1
+
+
 def test_every_run_flag_is_in_the_flag_reference():
     flags_md = REPO / "docs" / "reference" / "flags.md"
     if not flags_md.exists() and "docs/reference/flags.md" in PENDING:
