@@ -387,6 +387,24 @@ def test_quoted_config_files_are_the_files():
     assert quoted >= 1
 
 
+def test_override_table_is_the_flags_roles():
+    """docs/reference/run-folder.md's table of the flags --test, --resume and predict may change is what
+    parse_args.py declares (for predict: those of its flags that it may change)."""
+    import parse_args
+
+    rows = {}
+    for line in (REPO / "docs" / "reference" / "run-folder.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            rows[cells[0].strip("`")] = set(re.findall(r"`--(\w+)`", cells[1]))
+    predict_flags = {a.dest for a in load(PARSERS["python run.py predict"])._actions}
+    assert rows == {
+        "--test": set(parse_args.flags_with(parse_args.TEST_SAFE)),
+        "--resume": set(parse_args.flags_with(parse_args.RESUME_SAFE)),
+        "predict": set(parse_args.flags_with(parse_args.PREDICT_SAFE)) & predict_flags,
+    }
+
+
 def test_every_run_flag_is_in_the_flag_reference():
     flags_md = REPO / "docs" / "reference" / "flags.md"
     if not flags_md.exists() and "docs/reference/flags.md" in PENDING:
