@@ -10,7 +10,7 @@ from common.dataspec import load_spec
 from common.recipes import read_recipe
 from parse_args import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
 RECIPE = ["model", "batch_size", "spatial_size", "in_channels", "opt", "lr", "lr_min", "lr_scheduler", "max_ite",
           "data_size_rate"]

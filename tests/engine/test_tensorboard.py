@@ -14,15 +14,10 @@ from PIL import Image
 
 import run
 from parse_args import parse_args
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import only_run_dir, tiny_argv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root):
     """One 4-iteration run, evaluated at 2 and 4, with the progress bar on and --save_pred."""
