@@ -203,7 +203,9 @@ def check_command(command: str) -> list[str]:
     if words[0] == "torchrun":  # torchrun [its flags] run.py ...: run.py's flags are checked
         words = ["python"] + words[next(i for i, w in enumerate(words) if w.endswith(".py")):]
     if words[:3] == ["python", "-m", "pytest"] or words[0] == "pytest":
-        paths = [w for w in words[3 if words[0] == "python" else 1:] if not w.startswith("-")]
+        args = words[3 if words[0] == "python" else 1:]
+        paths = [w for k, w in enumerate(args) if not w.startswith("-") and (k == 0 or args[k - 1] not in
+                                                                              ("-m", "-k", "-p", "-o"))]
         return [f"{p}: no such path" for p in paths if not (REPO / p.split("::")[0]).exists()]
     if words[:2] == ["pip", "install"]:
         return [f"{w}: no such file" for k, w in enumerate(words) if words[k - 1] == "-r" and not (REPO / w).exists()]
@@ -314,6 +316,19 @@ def test_every_relative_link_resolves():
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             problems.append(f"{where}: {target}: no heading #{anchor} in {rel(dest)}")
     assert problems == []
+
+
+def test_repository_paths_in_prose_exist():
+    """`configs/...`, `scripts/...`, `tests/...` and `....py` named in the text are files of the repository."""
+    missing = []
+    for path in DOCS:
+        _, prose = split_fences(path.read_text())
+        for n, line in prose:
+            for span in re.findall(r"`([^`\s]+)`", line):
+                named = span.startswith(("configs/", "scripts/", "tests/")) or re.fullmatch(r"[\w/]+\.py", span)
+                if named and not re.search(r"[<*]", span) and not (REPO / span).exists():
+                    missing.append(f"{rel(path)}:{n}: {span}")
+    assert missing == []
 
 
 def test_links_are_checked():
