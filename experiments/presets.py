@@ -72,9 +72,15 @@ def table_row(path: Path) -> list[str]:
     if v.get("method", "gaze_sup") in ("full_sup", "full"):
         masks, level_text, cons = "GT masks", "-", "-"
     else:
-        masks = f"`gaze/{v.get('gaze_dir', 'crf_compat1')}`"
-        thresholds = load_spec(v.get("data", "kvasir")).level_thresholds(levels, v.get("thresholds"))
-        level_text = f"{levels} ({', '.join(f'{t:g}' for t in thresholds)})"
+        if v.get("method") in ("sparse_sup", "sparse"):
+            masks, level_text = f"`labels/{v.get('label_dir')}`", f"{levels} (sparse labels)"
+        else:
+            masks = f"`gaze/{v.get('gaze_dir', 'crf_compat1')}`"
+            thresholds = load_spec(v.get("data", "kvasir")).level_thresholds(levels, v.get("thresholds"))
+            level_text = f"{levels} ({', '.join(f'{t:g}' for t in thresholds)}"
+            if v.get("ignore_below"):
+                level_text += f"; unlabelled from {', '.join(f'{t:g}' for t in v['ignore_below'])}"
+            level_text += ")"
         weight = float(v.get("cons_weight", 3.0))
         cons = "-" if levels == 1 else ("weight 0" if weight == 0 else f"{v.get('cons_mode', 'prop')}, {weight:g}")
     rel = f"configs/presets/{Path(path).name}"

@@ -20,6 +20,7 @@ def test_the_expected_rows_exist():
     names = {p.stem for p in PRESETS}
     rows = ["gazesup", "gazesup_1level", "gazesup_3levels", "gazesup_pure", "gazesup_nocons", "gazesup_heatmap",
             "full_sup", "heatmap_1level"]
+    rows += ["points", "scribbles", "gazesup_band_1level", "gazesup_band", "gazesup_simgaze"]  # other annotations
     assert names == {f"{d}_{r}" for d in ("kvasir", "prostate") for r in rows} | {"kvasir_box", "kvasir_box_crf"}
 
 
@@ -91,10 +92,15 @@ def test_readme_table_matches_the_files():
         if v["method"] == "full_sup":
             assert (masks, levels, cons) == ("GT masks", "-", "-"), name
             continue
-        assert masks == f"`gaze/{v.get('gaze_dir', 'crf_compat1')}`", name
         n = v["num_levels"]
-        thresholds = v.get("thresholds") or load_spec(v["data"]).thresholds[n]
-        assert levels == f"{n} ({', '.join(f'{t:g}' for t in thresholds)})", name
+        if v["method"] == "sparse_sup":
+            assert (masks, levels) == (f"`labels/{v['label_dir']}`", f"{n} (sparse labels)"), name
+        else:
+            assert masks == f"`gaze/{v.get('gaze_dir', 'crf_compat1')}`", name
+            thresholds = v.get("thresholds") or load_spec(v["data"]).thresholds[n]
+            band = f"; unlabelled from {', '.join(f'{t:g}' for t in v.get('ignore_below') or [])}"
+            band = band if v.get("ignore_below") else ""
+            assert levels == f"{n} ({', '.join(f'{t:g}' for t in thresholds)}{band})", name
         consistency = "weight 0" if v["cons_weight"] == 0 else f"{v['cons_mode']}, {v['cons_weight']:g}"
         expected = "-" if n == 1 else consistency
         assert cons == expected, name
