@@ -148,6 +148,21 @@ COLUMNS = {
 }
 
 
+def supervision_kind(config: dict) -> str:
+    """What a run was supervised with, from its config.yaml: full, box, box+CRF, points, scribbles (the
+    sparse label folder), gaze, gaze+band (--ignore_below), simulated gaze (a gaze folder under sim/)."""
+    method = config.get("method", "gaze_sup")
+    if method == "full_sup":
+        return "full"
+    if method == "sparse_sup":
+        return str(config.get("label_dir") or "sparse")
+    gaze_dir = str(config.get("gaze_dir") or "crf_compat1")
+    if gaze_dir in ("box", "box_crf"):
+        return {"box": "box", "box_crf": "box+CRF"}[gaze_dir]
+    kind = "simulated gaze" if gaze_dir.startswith("sim/") else "gaze"
+    return kind + ("+band" if config.get("ignore_below") else "")
+
+
 def aggregate(runs: list[Run]) -> list[dict]:
     """One row per (data, run_name) over its finished runs: n, seeds, mean and std of every column."""
     groups: dict[tuple[str, str], list[Run]] = {}
@@ -157,7 +172,9 @@ def aggregate(runs: list[Run]) -> list[dict]:
     rows = []
     for (data, name), group in sorted(groups.items()):
         group.sort(key=lambda r: (r.seed if isinstance(r.seed, int) else 0))
-        row = {"data": data, "preset": name, "n": len(group), "seeds": " ".join(str(r.seed) for r in group),
+        kinds = "/".join(sorted({supervision_kind(r.config) for r in group}))
+        row = {"data": data, "preset": name, "supervision": kinds, "n": len(group),
+               "seeds": " ".join(str(r.seed) for r in group),
                "best_iteration": " ".join(str(_get(r.metrics, "best", "iteration")) for r in group),
                "selected_on": "/".join(sorted({str(_get(r.metrics, "best", "selected_on")) for r in group})),
                "final_iteration": " ".join(sorted({str(r.metrics["final_iteration"]) for r in group})),
@@ -186,12 +203,12 @@ def _pm(row: dict, col: str, digits: int = 2) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (mean ± sample std over seeds)."""
-    head = ["data", "preset", "n", "seeds", "final Dice %", "best Dice %", "best selected on", "final IoU %",
-            "best IoU %", "final HD95 px", "train min", "card"]
+    head = ["data", "preset", "supervision", "n", "seeds", "final Dice %", "best Dice %", "best selected on",
+            "final IoU %", "best IoU %", "final HD95 px", "train min", "card"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["data"], r["preset"], str(r["n"]), r["seeds"], _pm(r, "final_dice"), _pm(r, "best_dice"),
-                 r["selected_on"], _pm(r, "final_iou"), _pm(r, "best_iou"), _pm(r, "final_hd95"),
+        cells = [r["data"], r["preset"], r["supervision"], str(r["n"]), r["seeds"], _pm(r, "final_dice"),
+                 _pm(r, "best_dice"), r["selected_on"], _pm(r, "final_iou"), _pm(r, "best_iou"), _pm(r, "final_hd95"),
                  _pm(r, "train_minutes", 1), r["card"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -226,7 +243,7 @@ def summary_markdown(rows: list[dict], runs: list[Run], exp: Path) -> str:
 
 def summary_csv(rows: list[dict]) -> str:
     """Machine-readable rows: numbers at full precision (Dice/IoU in %, HD95 in px, time in minutes)."""
-    keys = ["data", "preset", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
+    keys = ["data", "preset", "supervision", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
     keys += [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std", "n")] + ["card"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")

@@ -93,7 +93,7 @@ def test_summary_equals_a_direct_computation(exp, capsys):
 
     md = (exp / "summary.md").read_text()
     assert "| 7.00 (1 of 2) |" in md
-    assert "| kvasir | presetA | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
+    assert "| kvasir | presetA | gaze | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
     not_averaged = md.split("## Not averaged")[1]
     assert "| presetB | 1 | unfinished | no metrics.json; last logged iteration 4, no checkpoint |" in not_averaged
     assert "| presetB | 2 | stopped_early | final_iteration 4 < max_ite 6 |" in not_averaged
@@ -131,3 +131,13 @@ def test_nothing_to_summarise_is_a_user_error(tmp_path, make):
     with pytest.raises(UserError, match=str(exp)):
         summarize.main([str(exp)])
     assert not (exp / "summary.csv").exists()
+
+
+def test_supervision_kind_names_each_annotation():
+    from experiments.summarize import supervision_kind
+    assert supervision_kind({"method": "full_sup"}) == "full"
+    assert supervision_kind({"method": "gaze_sup", "gaze_dir": "crf_compat1"}) == "gaze"
+    assert supervision_kind({"method": "gaze_sup", "gaze_dir": "box_crf"}) == "box+CRF"
+    assert supervision_kind({"method": "gaze_sup", "gaze_dir": "crf_compat1", "ignore_below": [0.3]}) == "gaze+band"
+    assert supervision_kind({"method": "gaze_sup", "gaze_dir": "sim/crf_compat1"}) == "simulated gaze"
+    assert supervision_kind({"method": "sparse_sup", "label_dir": "scribbles"}) == "scribbles"
