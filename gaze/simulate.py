@@ -25,7 +25,7 @@ defaults below are its fit to the GazeMedSeg Kvasir-SEG file, 1000 images, 26 83
 
 What it leaves out: the order of fixations (scan paths), refixations of the same spot, and the image
 content (a real reader also looks at distractors such as reflections and instruments); the positions
-depend on the mask alone. Related work: FGI (Wang et al.) trained on simulated ISIC gaze but published no
+depend on the mask alone. Related work: FGI trained a gaze-supervised model on simulated ISIC gaze but published no
 simulator; this one is fitted to real GazeMedSeg fixations and checked against them (docs/explanation/
 simulated-gaze.md gives the comparison).
 """
