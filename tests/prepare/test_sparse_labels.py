@@ -106,6 +106,7 @@ def test_read_labels_names_a_bad_map(tmp_path):
         read_labels(tmp_path / "lossy.jpg")
 
 
+@pytest.mark.slow
 def test_prepare_sparse_writes_maps_report_and_sheet(tmp_path, capsys):
     root = tmp_path / "data"
     make_synthetic_dataset(root, num_train=6, num_test=2, size_range=(40, 56))
