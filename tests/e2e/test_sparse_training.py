@@ -67,6 +67,7 @@ def test_gaze_band_trains_with_unlabelled_pixels(data_root, tmp_path):
     assert run_dir.name.endswith("_band") or "_band_" in run_dir.name
     assert load_checkpoint(run_dir / "model_latest.pth")["args"]["ignore_below"] == [0.3, 0.2]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+    assert run.cli(["--test", "--ckpt_path", str(run_dir), "--quiet"]) == 0  # the recorded band passes the checks
 
 
 def test_a_training_image_without_labels_is_an_error_naming_it(data_root, tmp_path, capsys):
