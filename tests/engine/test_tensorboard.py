@@ -36,6 +36,7 @@ def events(run_dir: Path):
     return acc
 
 
+@pytest.mark.slow
 def test_scalars_match_losses_csv_and_metrics_json(trained):
     acc = events(trained["dir"])
     tags = set(acc.Tags()["scalars"])

@@ -74,6 +74,7 @@ def read_csv(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_summary_equals_a_direct_computation(exp, capsys):
     assert summarize.main([str(exp)]) == 0
     rows = {r["preset"]: r for r in read_csv(exp / "summary.csv")}

@@ -50,6 +50,7 @@ def wait_for(predicate, proc, seconds: float):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_sweep_interrupted_and_rerun_finishes_each_run_once(tmp_path, capsys):
     root = tiny_dataset(tmp_path / "data")
     presets = [tiny_preset(tmp_path / "a.yaml", "tinyA", "prop"), tiny_preset(tmp_path / "b.yaml", "tinyB", "pure")]
