@@ -12,6 +12,11 @@ sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("GAZESUP_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "slurm: needs a Slurm cluster (scripts/slurm_local.sh start); skipped without")
+
+
 def _need(sub: str) -> Path:
     path = SHARED_DATA / sub
     if not path.exists():
