@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import OneLineParser, UserError
+from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError
 from common.files import write_text_atomic
-from engine.presets import read_preset, resolve_presets
-from engine.summarize import Run, read_run
+from experiments.presets import read_preset, resolve_presets
+from experiments.summarize import Run, read_run
+from parse_args import SWEEP_OWNED, flags_with
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
-OWNED_FLAGS = {"--config", "--seed", "--exp_path", "--run_name", "--resume", "--ckpt_path", "--test", "--data"}
+OWNED_FLAGS = {f"--{name}" for name in flags_with(SWEEP_OWNED)}  # they identify a run
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Sweep:
         after = [r for r in existing_runs(self.exp, job) if r.status == "finished"]
         if rc == 0 and after:
             status = "finished"
-        elif self.stop.is_set() and rc in (130, -signal.SIGTERM, -signal.SIGINT):
+        elif self.stop.is_set() and rc in (INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
             status = "interrupted"
         else:
             status = f"failed (exit {rc})" if rc != 0 else "failed (exit 0 but no finished metrics.json)"
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = sweep.run()
     print(report(outcomes, jobs), flush=True)
     if sweep.stop.is_set():
-        return 130
+        return INTERRUPTED_EXIT
     return 0 if all(o.status == "finished" for o in outcomes) and len(outcomes) == len(jobs) else 1
 
 
