@@ -32,8 +32,8 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.files import write_text_atomic
-from engine.summarize import read_run
-from engine.sweep import Job, SweepLock, command, existing_runs, plan
+from experiments.summarize import read_run
+from experiments.sweep import Job, SweepLock, command, existing_runs, plan
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path("sweep_logs") / "slurm_jobs.json"

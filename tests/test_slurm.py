@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from common.errors import UserError
-from engine import sweep
-from experiments import slurm
+from experiments import slurm, sweep
 from tests.test_sweep import MAX_ITE, run_dirs, tiny_preset
 from tests.tiny_runs import tiny_dataset
 
