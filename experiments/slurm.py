@@ -208,11 +208,14 @@ class RunTask:
         self._child: subprocess.Popen | None = None
         self._waiter: threading.Thread | None = None
 
+    # pickled by submitit into EXP/sweep_logs/slurm/: plain values only, so that a queued task survives edits of
+    # the code it is read back with (only this class must keep its name)
     def __getstate__(self):
-        return {"exp": self.exp, "job": self.job, "extra": self.extra}
+        return {"exp": str(self.exp), "job": {**vars(self.job), "preset": str(self.job.preset)}, "extra": self.extra}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _child=None, _waiter=None)
+        job = dict(state["job"], preset=Path(state["job"]["preset"]))
+        self.__init__(Path(state["exp"]), Job(**job), state["extra"])
 
     def log_path(self) -> Path:
         return self.exp / "sweep_logs" / self.job.data / f"{self.job.run_name}_seed{self.job.seed}.log"
@@ -301,16 +304,17 @@ def write_record(exp: Path, runs: dict) -> None:
 
 
 def launch(exp: Path, jobs: list[Job], extra: list[str], settings: SlurmSettings, dry_run: bool,
-           executor=None) -> tuple[list[tuple[Job, str, str]], list[tuple[Job, str]]]:
+           executor=None, checked: bool = False) -> tuple[list[tuple], list[tuple[Job, str]]]:
     """Submit every job that is neither finished nor held by Slurm, as one array.
 
     Args:
         executor: a submitit executor (tests pass a LocalExecutor); default the Slurm one.
+        checked: `check_slurm(settings)` has passed already.
     Returns:
         (submitted (job, action, submitit job), left (job, why not submitted)).
     """
     exp = exp.resolve()
-    if executor is None and (not dry_run or shutil.which("sbatch")):
+    if executor is None and not checked and (not dry_run or shutil.which("sbatch")):
         check_slurm(settings)
     else:
         time_minutes(settings.time)
@@ -377,7 +381,7 @@ def main(exp: Path, jobs: list[Job], extra: list[str], args) -> int:
     except OSError as e:
         raise UserError(f"cannot create --exp_path {exp}: {e}") from None
     with SweepLock(exp):   # a local sweep of EXP (or a second submission) cannot run meanwhile
-        submitted, left = launch(exp, jobs, extra, settings, dry_run=False)
+        submitted, left = launch(exp, jobs, extra, settings, dry_run=False, checked=True)
     for job, why in left:
         print(f"sweep: {job.label}: {why}")
     for job, action, sj in submitted:

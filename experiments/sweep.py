@@ -11,6 +11,9 @@ otherwise a new run starts. Each child's output
 goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is reported and the others go on.
 Ctrl-C / SIGTERM: the running children get one SIGTERM (they save model_latest.pth and stop), no new child
 starts; running the same command again continues.
+
+`--launcher slurm` submits the same runs as one Slurm job array instead (experiments/slurm.py), and
+`--status EXP` shows each run of EXP as pending / running / finished / failed.
 """
 import os
 import queue

@@ -235,3 +235,21 @@ def test_slurm_sweep_cancel_resume_and_nothing_left(tmp_path):
     third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and "nothing to submit" in third.stdout, third.stdout + third.stderr
     assert (exp / slurm.RECORD).read_text() == before
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("more, match", [
+    (["--slurm_partition", "no_such_partition"], "invalid partition specified: no_such_partition"),
+    (["--slurm_time", "400-00:00:00"], "Requested time limit is invalid"),   # over the partition's limit
+    (["--slurm_time", "soon"], "Invalid --time specification"),
+])
+def test_slurm_refuses_bad_resources_before_submitting(more, match, tmp_path, capsys):
+    why = slurm_missing()
+    if why:
+        pytest.skip(why)
+    a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp = tmp_path / "exp"
+    with pytest.raises(slurm.SlurmError, match=re.escape(match)) as caught:
+        sweep.main(["--presets", str(a), "--root", "R", "--exp_path", str(exp), "--launcher", "slurm", *more])
+    assert "\n" not in str(caught.value)
+    assert not exp.exists()
