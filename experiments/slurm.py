@@ -37,6 +37,7 @@ from experiments.sweep import Job, SweepLock, command, existing_runs, plan
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path("sweep_logs") / "slurm_jobs.json"
+MAX_TIMEOUTS = 20
 SIGNAL_DELAY_S = 120        # SIGUSR2 this long before the time limit: time to finish an iteration and save
 ACTIVE = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
           "REQUEUE_FED": "pending", "RESV_DEL_HOLD": "pending", "RUNNING": "running", "COMPLETING": "running",
@@ -236,7 +237,10 @@ class RunTask:
             f.flush()
             # SIGUSR2 (submitit's time-limit warning, which Slurm sends to every process of the job) is for this
             # task only: the run would die of it. The task answers it with one SIGTERM to the run (checkpoint()).
-            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+            env = dict(os.environ)
+            if "SLURM_CPUS_PER_TASK" in env and "OMP_NUM_THREADS" not in env:
+                env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]  # torch would use every core of the node
+            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
             f.write(f"=== pid {self._child.pid}\n")
             f.flush()
@@ -270,7 +274,8 @@ def make_executor(folder: Path, settings: SlurmSettings, n: int):
     """A submitit SlurmExecutor whose batch submissions are one array of `n` tasks."""
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=1000)  # timeouts requeue: runs resume
+    # a task that reaches its time limit is requeued (the run resumes) up to MAX_TIMEOUTS times
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUTS)
     executor.update_parameters(**executor_parameters(settings, n))
     return executor
 
