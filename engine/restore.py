@@ -127,10 +127,12 @@ def restore(ckpt_path, explicit: dict[str, Any], command: str, defaults: dict[st
 
 
 def make_model(config: dict[str, Any]) -> torch.nn.Module:
-    """The network of a run's settings (method, levels, widths, channels, propagation)."""
-    return build_model(config["method"], num_levels=config.get("num_levels") or 1, in_channels=config["in_channels"],
-                       features=tuple(config["features"]), feat_dim=config["feat_dim"],
-                       propagation=config.get("propagation") or "torch")
+    """The network of a run's settings: every model-shape flag (parse_args.py's SHAPE role) goes to
+    models.build_model by name, so a new shape flag is declared there and used in models/ only."""
+    shape = {k: config.get(k) for k in SHAPE_KEYS}
+    shape["num_levels"] = shape.get("num_levels") or 1
+    shape["features"] = tuple(shape["features"])
+    return build_model(**shape, propagation=config.get("propagation") or "torch")
 
 
 def restored_model(restored: Restored) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """Presets: the paper's runs, ablations and baselines as YAML files under configs/presets/ (keys = run.py flag
 names, `run_name` = the file's name), each a delta on the paper's recipe through `base:` (common/recipes.py).
-`python -m experiments.presets` prints the docs' table of them."""
+`python -m experiments.presets` prints the table of them in docs/reference/presets.md."""
 import fnmatch
 from pathlib import Path
 

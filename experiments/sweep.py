@@ -300,13 +300,7 @@ def report(outcomes: list[Outcome], jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Returns 0 when every run finished, 1 when one failed, 130 when interrupted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="run.py sweep", description="Run presets x seeds: finished runs are skipped, interrupted "
                 "ones resumed in their folder. Flags after `--` are passed to every new run.")
     p.add_argument("--presets", nargs="+", default=None,
@@ -326,7 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="--launcher slurm: wait until the submitted runs have ended")
     from experiments.slurm import add_arguments
     add_arguments(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns 0 when every run finished, 1 when one failed, 130 when interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
     if args.status is not None:
         from experiments.slurm import status_rows, status_table
         if not Path(args.status).is_dir():

@@ -15,9 +15,9 @@ import yaml
 
 from common.errors import UserError
 from experiments import summarize, sweep
-from tests.tiny_runs import tiny_dataset
+from tests.helpers import tiny_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_ITE = 16
 
 

@@ -1,5 +1,6 @@
 """configs/: the paper's recipe written once (configs/recipes/paper.yaml), the two paper configs and every preset
-as deltas on it; every preset parses as run.py flags, and the docs' table of presets says what the files say."""
+as deltas on it; every preset parses as run.py flags, and the docs' table of presets (docs/reference/presets.md)
+says what the files say."""
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from common.dataspec import load_spec
 from common.recipes import read_recipe
 from parse_args import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
 RECIPE = ["model", "batch_size", "spatial_size", "in_channels", "opt", "lr", "lr_min", "lr_scheduler", "max_ite",
           "data_size_rate"]
@@ -70,7 +71,7 @@ def test_a_recipe_change_reaches_every_preset(tmp_path):
 
 def readme_rows() -> dict:
     rows = {}
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in (REPO / "docs" / "reference" / "presets.md").read_text().splitlines():
         if line.startswith("| ") and "configs/presets/" in line:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells
@@ -78,7 +79,8 @@ def readme_rows() -> dict:
 
 
 def test_readme_table_matches_the_files():
-    """README: | preset | data | pseudo-masks | levels (thresholds) | consistency | what it is | command |"""
+    """docs/reference/presets.md:
+    | preset | data | pseudo-masks | levels (thresholds) | consistency | what it is | command |"""
     rows = readme_rows()
     assert set(rows) == {p.stem for p in PRESETS}
     for path in PRESETS:

@@ -19,9 +19,9 @@ from engine.predict import main as predict_main
 from engine.visualize import PRED_COLOR, denormalize, draw_contours
 from models.checkpoint import infer_model_args, save_checkpoint
 from models.segmentation_net import build_model
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import one_error_line, only_run_dir, tiny_argv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 WIDTHS = {"features": [8, 8, 16, 16, 32, 8], "feat_dim": 8}
 
@@ -46,11 +46,6 @@ def random_checkpoint(path: Path, method="gaze_sup", in_channels=3, data="kvasir
                               spatial_size=spatial_size, **WIDTHS)}
     save_checkpoint(path, state)
     return model
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
 def test_overlay_outlines_exactly_the_mask_border():
@@ -251,10 +246,7 @@ def test_gpu_matches_cpu(tmp_path, data_root):
 def _one_line_error(capsys, argv) -> str:
     """predict exits 2 with exactly one stderr line `error: ...` (no warning, no traceback); returns it."""
     assert predict_main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("threshold", ["1.5", "0", "1", "-0.2", "nan"])

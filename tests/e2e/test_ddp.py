@@ -14,9 +14,9 @@ import torch
 
 import run
 from models.checkpoint import checkpoint_state_dict, load_checkpoint
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import only_run_dir, tiny_argv, tiny_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = ["--max_ite", "4", "--val_step", "2", "--save_step", "2", "--log_step", "1", "--quiet", "--save_pred"]
 

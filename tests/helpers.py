@@ -1,4 +1,5 @@
-"""A seconds-long synthetic training run for CPU tests (predict, faults, DDP, TensorBoard)."""
+"""Helpers the tests share: a seconds-long synthetic training run for CPU tests, and the check of a user error's
+one line. (Fixtures are in conftest.py.)"""
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ from scipy import ndimage
 
 from prepare.synthetic import make_synthetic_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--features", "8,8,16,16,32,8", "--feat_dim", "8", "--spatial_size", "32"]
 
 
@@ -32,3 +34,10 @@ def only_run_dir(exp: Path) -> Path:
     runs = sorted(p for p in (exp / "0" / "kvasir").iterdir() if p.is_dir())
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def one_error_line(err: str) -> str:
+    """The whole stderr of a refused command is one `error: ...` line (no warning, no traceback); returns it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]

@@ -15,9 +15,10 @@ from gaze.__main__ import main
 from gaze.fixations import FixationError, parse_columns, read_fixations
 from gaze.heatmap import gaze_heatmap, to_uint8
 from gaze.pipeline import crf_to_uint8, make_gaze_maps
-from tests.test_gaze_pipeline import HAVE_CRF, HEADER, SIZES, make_root
+from tests.gaze.test_pipeline import HAVE_CRF, HEADER, SIZES, make_root
+from tests.helpers import one_error_line
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 needs_crf = pytest.mark.skipif(not HAVE_CRF, reason="pydensecrf2 is not installed (pip install pydensecrf2==1.1)")
 ROW = "img_{k}.jpg,{i},0.25,0.5,300,40.0,60.0"
 
@@ -29,11 +30,8 @@ def small_csv(tmp_path, n: int = 8, name: str = "fix.csv") -> Path:
     return path
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+def error_of(capsys) -> str:
+    return one_error_line(capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------- reading the CSV
@@ -110,12 +108,12 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     root, csv, _ = make_root(tmp_path, "kvasir", seed=10)
     out = tmp_path / "out"
     assert cli(tmp_path / "nope", csv, out) == 2
-    assert f"--root {tmp_path / 'nope'}: no such directory" in one_error_line(capsys) and not out.exists()
+    assert f"--root {tmp_path / 'nope'}: no such directory" in error_of(capsys) and not out.exists()
 
     afile = tmp_path / "afile"
     afile.write_text("mine")
     assert cli(root, csv, afile) == 2
-    assert f"--out {afile}: exists and is not a directory" in one_error_line(capsys)
+    assert f"--out {afile}: exists and is not a directory" in error_of(capsys)
     assert afile.read_text() == "mine"
 
     quoted = tmp_path / "quoted.csv"
@@ -123,17 +121,17 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     lines[5] = lines[5].replace(",", ',"', 1)
     quoted.write_text("\n".join(lines) + "\n")
     assert cli(root, quoted, out) == 2
-    assert f"{quoted}:6: unbalanced" in one_error_line(capsys)
+    assert f"{quoted}:6: unbalanced" in error_of(capsys)
 
     utf16 = tmp_path / "utf16.csv"
     utf16.write_bytes(csv.read_text().encode("utf-16"))
     assert cli(root, utf16, out) == 2
-    assert f"{utf16}: UTF-16" in one_error_line(capsys)
+    assert f"{utf16}: UTF-16" in error_of(capsys)
 
     assert cli(root, csv, out, "--columns", "image=IMAGE,x=CURRENT_FIX_X") == 2
-    assert "--columns" in one_error_line(capsys)
+    assert "--columns" in error_of(capsys)
     assert cli(root, csv, out, "--steps", "blur") == 2
-    assert "--steps" in one_error_line(capsys)
+    assert "--steps" in error_of(capsys)
     assert not (out / "heatmap").exists() or not any((out / "heatmap").iterdir())
 
 
@@ -286,7 +284,7 @@ def test_generic_pixel_csv_gives_the_gazemedseg_heatmaps(tmp_path, capsys):
 
     assert main(["--csv", str(csv), "--root", str(root), "--data", str(spec), "--out", str(tmp_path / "o"),
                  "--columns", COLUMNS, "--coords", "pixels", "--steps", "heatmap,crf"]) == 2
-    assert "crf is null" in one_error_line(capsys)
+    assert "crf is null" in error_of(capsys)
 
 
 def test_pixels_outside_the_image_error_or_drop(tmp_path, capsys):
@@ -299,14 +297,14 @@ def test_pixels_outside_the_image_error_or_drop(tmp_path, capsys):
     args = ["--csv", str(csv), "--root", str(root), "--data", str(spec), "--out", str(tmp_path / "o"),
             "--columns", COLUMNS, "--coords", "pixels", "--workers", "1", "--no-sheet", "--quiet"]
     assert main(args) == 2
-    assert f"{csv}:3: x_position, y_position = 70.0" in one_error_line(capsys)
+    assert f"{csv}:3: x_position, y_position = 70.0" in error_of(capsys)
     res = make_gaze_maps(csv, root, str(spec), out_dir=tmp_path / "o", columns=parse_columns(COLUMNS),
                          coords="pixels", outside="drop", workers=1, quiet=True, sheet=False)
     assert res["dropped_fixations"] == 1 and res["written"] == {"heatmap": 3} and res["dice"]["heatmap"]["n"] == 3
 
     (root / "images" / "img_b.png").unlink()  # no size column and no image: the size cannot be known
     assert main(args + ["--outside", "drop"]) == 2
-    assert "img_b.png: not found" in one_error_line(capsys)
+    assert "img_b.png: not found" in error_of(capsys)
 
 
 def test_missing_pydensecrf_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch):
@@ -314,7 +312,7 @@ def test_missing_pydensecrf_is_a_one_line_error_before_any_work(tmp_path, capsys
         monkeypatch.setitem(sys.modules, name, None)
     root, csv, _ = make_root(tmp_path, "kvasir", seed=14)
     assert cli(root, csv, tmp_path / "o", "--steps", "heatmap,crf") == 2
-    assert "pip install pydensecrf2" in one_error_line(capsys) and not (tmp_path / "o").exists()
+    assert "pip install pydensecrf2" in error_of(capsys) and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- stored values

@@ -14,7 +14,7 @@ import pytest
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import run
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import only_run_dir, tiny_argv, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LR, LR_MIN, NUM_TRAIN = 1e-2, 1e-4, 8

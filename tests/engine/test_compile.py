@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import run
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import only_run_dir, tiny_argv, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from datasets.io import DataError, read_ids
 from datasets.segmentation import SegmentationDataset
 from scripts.prepare_kvasir_compact import build
 from scripts.prepare_kvasir_compact import main as compact_main
-from tests.tiny_runs import tiny_argv, tiny_dataset
+from tests.helpers import tiny_argv, tiny_dataset
 
 
 @pytest.fixture

@@ -10,18 +10,14 @@ from scipy import ndimage
 import run
 from datasets.io import DataError, read_ids
 from prepare.cli import main as prepare_main
-from tests.test_prepare_kvasir import make_kvasir, write_split
-from tests.tiny_runs import tiny_argv
+from tests.helpers import one_error_line, tiny_argv
+from tests.prepare.test_kvasir import make_kvasir, write_split
 
 SIZES = {"a": (40, 36), "polyp 01": (44, 40), "b": (36, 44), "c": (40, 40), "d": (48, 36), "e": (36, 36)}
 TRAIN, TEST = ["a", "polyp 01", "b", "c"], ["d", "e"]
 
 
-def _one_error_line(err: str) -> str:
-    """The whole stderr is one `error: ...` line (no traceback)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -82,7 +78,7 @@ def test_duplicated_id_is_the_same_error_in_prepare_and_run(tmp_path, capsys, on
     (tmp_path / "splits" / "train.txt").write_text("\n".join(TRAIN + ["polyp 01"]) + "\n")
     assert prepare_main(["kvasir", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out2"),
                          "--split-dir", str(tmp_path / "splits")]) == 2
-    from_prepare = _one_error_line(capsys.readouterr().err)
+    from_prepare = one_error_line(capsys.readouterr().err)
     (root / "train.txt").write_text("\n".join(TRAIN + ["polyp 01"]) + "\n")
     with pytest.raises(DataError) as e:  # run.py's __main__ turns it into `error: ...`, exit 2
         run.main(tiny_argv(root, tmp_path / "exp", "--max_ite", "1", "--quiet"))
@@ -111,7 +107,7 @@ def test_prepare_decodes_every_file(tmp_path, capsys, which):
         assert im.size == SIZES["c"]
     out = tmp_path / "out"
     assert prepare_main(["kvasir", "--src", str(src), "--out", str(out), "--test-size", "2", "--workers", "2"]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert f"cannot decode image {broken}" in line and "truncated" in line
     assert not (out / "train.txt").exists()  # nothing written for a source that fails its check
 
@@ -121,13 +117,13 @@ def test_prepare_out_is_a_file(tmp_path, capsys):
     out = tmp_path / "out.txt"
     out.write_text("keep me\n")
     assert prepare_main(["kvasir", "--src", str(src), "--out", str(out), "--test-size", "2"]) == 2
-    assert f"--out {out} is a file" in _one_error_line(capsys.readouterr().err)
+    assert f"--out {out} is a file" in one_error_line(capsys.readouterr().err)
     assert out.read_text() == "keep me\n"
     assert prepare_main(["kvasir", "--src", str(src), "--out", str(out / "sub"), "--test-size", "2"]) == 2
-    assert f"{out} is a file" in _one_error_line(capsys.readouterr().err)
+    assert f"{out} is a file" in one_error_line(capsys.readouterr().err)
 
 
 def test_prepare_rejects_ids_that_cannot_be_split_lines(tmp_path, capsys):
     src = make_kvasir(tmp_path / "src", {"a": (32, 32), "b ": (32, 32), "c": (32, 32)})
     assert prepare_main(["kvasir", "--src", str(src), "--out", str(tmp_path / "out"), "--test-size", "1"]) == 2
-    assert "'b .jpg' has whitespace at an end" in _one_error_line(capsys.readouterr().err)
+    assert "'b .jpg' has whitespace at an end" in one_error_line(capsys.readouterr().err)

@@ -16,7 +16,7 @@ from engine.train import Trainer, weights_digest
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.segmentation_net import build_model
 from parse_args import build_parser, parse_args
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import one_error_line, only_run_dir, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PAPER_LINE = ("-m gaze_sup --data kvasir --model unet -bs 8 --exp_path EXP --root ROOT --spatial_size 224 "
@@ -24,11 +24,6 @@ PAPER_LINE = ("-m gaze_sup --data kvasir --model unet -bs 8 --exp_path EXP --roo
               "--cons_mode prop --cons_weight 3 --data_size_rate 1 --device 0 --seed 0")
 RUN_FLAGS = ["--spatial_size", "64", "--max_ite", "6", "--log_step", "2", "--val_step", "3", "--save_step", "3",
              "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +38,7 @@ def cli_error(capsys, argv) -> str:
     """The one stderr line of a command that must fail with exit status 2."""
     capsys.readouterr()
     assert run.cli(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- parsing

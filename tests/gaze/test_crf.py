@@ -1,6 +1,6 @@
 """gaze.crf: the pydensecrf2 backend wrapper and the dispatcher.
 
-The torch backend is checked against this one in tests/test_gaze_crf_torch.py.
+The torch backend is checked against this one in tests/gaze/test_crf_torch.py.
 """
 import numpy as np
 import pytest

@@ -21,10 +21,10 @@ import yaml
 
 from common.errors import UserError
 from experiments import slurm, sweep
-from tests.test_sweep import MAX_ITE, run_dirs, tiny_preset
-from tests.tiny_runs import tiny_dataset
+from tests.experiments.test_sweep import MAX_ITE, run_dirs, tiny_preset
+from tests.helpers import tiny_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def slurm_missing() -> str | None:
@@ -133,6 +133,26 @@ def test_status_from_run_folders_and_the_slurm_record(tmp_path, capsys, monkeypa
     assert lines[-1] == "1 failed, 1 finished"
 
 
+def test_local_executor_task_plans_when_it_starts(tmp_path, monkeypatch):
+    """A task is planned in its own process when it starts, not when submitted: one whose run finished
+    meanwhile (e.g. a requeued task after another sweep finished it) does nothing and says where the run is."""
+    submitit = pytest.importorskip("submitit")
+    a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp = (tmp_path / "exp").resolve()
+    job = sweep.make_jobs([a], [0], {None: "R"})[0]
+    task = slurm.RunTask(exp, job, [])   # planned now: a new run
+    assert sweep.plan(exp, job) == ("start", None)
+    done = exp / "0" / "kvasir" / "tinyA_20260101-000000"
+    done.mkdir(parents=True)
+    (done / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 0, "max_ite": MAX_ITE}))
+    (done / "metrics.json").write_text(json.dumps({"final_iteration": MAX_ITE, "final": {"mdice": 0.5}}))
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    executor = submitit.LocalExecutor(folder=exp / "sweep_logs" / "slurm")
+    executor.update_parameters(timeout_min=5)
+    assert executor.submit(task).result() == f"finished in {done}"
+    assert not task.log_path().exists()  # no run.py was started
+
+
 @pytest.mark.slow
 def test_local_executor_requeue_resumes_the_run(tmp_path, monkeypatch):
     """SIGUSR2 to a task (what Slurm sends before the time limit): the run saves and stops, submitit requeues the
@@ -174,6 +194,7 @@ def test_local_executor_requeue_resumes_the_run(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a real Slurm cluster
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_sweep_cancel_resume_and_nothing_left(tmp_path):
     why = slurm_missing()

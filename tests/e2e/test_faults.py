@@ -17,16 +17,11 @@ import torch
 import run
 from engine.run_folder import RunError
 from models.checkpoint import checkpoint_state_dict, load_checkpoint
-from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import only_run_dir, tiny_argv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
 def loss_rows(run_dir: Path) -> list:

@@ -11,7 +11,7 @@ from PIL import Image
 import run
 from gaze.__main__ import main as gaze_main
 from prepare.synthetic import make_synthetic_dataset
-from tests.tiny_runs import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 SPEC = """\
 name: graydemo
