@@ -73,16 +73,16 @@ class SlurmSettings:
 def add_arguments(p) -> None:
     """The Slurm flags of `run.py sweep`."""
     g = p.add_argument_group("--launcher slurm (sbatch resources of each run; see docs/how-to/slurm.md)")
-    g.add_argument("--max_parallel", type=int, default=None, help="at most K runs at once (the array's %%K); "
-                   "default: as many as Slurm allows")
-    g.add_argument("--slurm_partition", default=None, help="sbatch --partition (default: the cluster's)")
-    g.add_argument("--slurm_time", default="2:00:00", help="sbatch --time of each task, e.g. 90, 2:00:00, "
+    g.add_argument("--max_parallel", metavar="K", type=int, default=None,
+                   help="at most K runs at once (the array's %%K); default: as many as Slurm allows")
+    g.add_argument("--slurm_partition", metavar="P", default=None, help="sbatch --partition (default: the cluster's)")
+    g.add_argument("--slurm_time", metavar="T", default="2:00:00", help="sbatch --time of each task, e.g. 90, 2:00:00, "
                    "1-00:00:00; a run that reaches it is requeued and resumes (default 2:00:00)")
-    g.add_argument("--slurm_gpus_per_task", type=int, default=None, help="sbatch --gpus-per-task")
-    g.add_argument("--slurm_cpus_per_task", type=int, default=None, help="sbatch --cpus-per-task")
-    g.add_argument("--slurm_mem", default=None, help="sbatch --mem, e.g. 32G")
-    g.add_argument("--slurm_account", default=None, help="sbatch --account")
-    g.add_argument("--slurm_qos", default=None, help="sbatch --qos")
+    g.add_argument("--slurm_gpus_per_task", metavar="N", type=int, default=None, help="sbatch --gpus-per-task")
+    g.add_argument("--slurm_cpus_per_task", metavar="N", type=int, default=None, help="sbatch --cpus-per-task")
+    g.add_argument("--slurm_mem", metavar="M", default=None, help="sbatch --mem, e.g. 32G")
+    g.add_argument("--slurm_account", metavar="A", default=None, help="sbatch --account")
+    g.add_argument("--slurm_qos", metavar="Q", default=None, help="sbatch --qos")
     g.add_argument("--sbatch", action="append", default=[], metavar="OPTION[=VALUE]",
                    help="any other #SBATCH option, e.g. --sbatch constraint=a100 --sbatch exclusive (repeatable)")
 
@@ -149,7 +149,8 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
     done = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-u", str(os.getuid())],
                           capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        raise SlurmError(f"squeue failed: {' '.join(done.stderr.split()) or done.returncode}")
+        raise SlurmError(f"cannot see the Slurm queue (needed to know which runs Slurm still holds): squeue failed: "
+                         f"{' '.join(done.stderr.split()) or done.returncode}")
     states = {}
     for line in done.stdout.splitlines():
         jid, _, state = line.strip().partition("|")
