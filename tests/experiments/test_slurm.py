@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -274,3 +275,23 @@ def test_slurm_refuses_bad_resources_before_submitting(more, match, tmp_path, ca
         sweep.main(["--presets", str(a), "--root", "R", "--exp_path", str(exp), "--launcher", "slurm", *more])
     assert "\n" not in str(caught.value)
     assert not exp.exists()
+
+
+@pytest.mark.slurm
+def test_slurm_sweep_refused_while_a_local_sweep_runs(tmp_path):
+    """The sweep lock holds across launchers: a Slurm submission waits for a local sweep of the same EXP."""
+    why = slurm_missing()
+    if why:
+        pytest.skip(why)
+    a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    other = subprocess.Popen(["sleep", "60"])  # stands for the local sweep's process
+    try:
+        (exp / ".sweep.lock").write_text(f"{socket.gethostname()} {other.pid}")
+        with pytest.raises(UserError, match=f"another sweep \\(pid {other.pid}\\) is running"):
+            sweep.main(["--presets", str(a), "--root", "R", "--exp_path", str(exp), "--launcher", "slurm"])
+    finally:
+        other.kill()
+        other.wait()
+    assert sorted(p.name for p in exp.iterdir()) == [".sweep.lock"]  # nothing submitted, nothing recorded
