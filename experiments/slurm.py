@@ -400,7 +400,11 @@ def main(exp: Path, jobs: list[Job], extra: list[str], args) -> int:
               f"`python run.py sweep --status {exp}`; logs in {exp / 'sweep_logs'}", flush=True)
     if not args.wait:
         return 0
-    wait([str(sj.job_id) for _, _, sj in submitted])
+    try:
+        wait([str(sj.job_id) for _, _, sj in submitted])
+    except KeyboardInterrupt:
+        print(f"sweep: stopped waiting; the runs go on in Slurm (python run.py sweep --status {exp})")
+        return 130
     rows = status_rows(exp)
     print(status_table(rows))
     wanted = {_key(j.data, j.run_name, j.seed) for j in jobs}
