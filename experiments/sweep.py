@@ -11,6 +11,9 @@ otherwise a new run starts. Each child's output
 goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is reported and the others go on.
 Ctrl-C / SIGTERM: the running children get one SIGTERM (they save model_latest.pth and stop), no new child
 starts; running the same command again continues.
+
+`--launcher slurm` submits the same runs as one Slurm job array instead (experiments/slurm.py), and
+`--status EXP` shows each run of EXP as pending / running / finished / failed.
 """
 import os
 import queue
@@ -300,7 +303,7 @@ def report(outcomes: list[Outcome], jobs: list[Job]) -> str:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="run.py sweep", description="Run presets x seeds: finished runs are skipped, interrupted "
                 "ones resumed in their folder. Flags after `--` are passed to every new run.")
-    p.add_argument("--presets", nargs="+", required=True,
+    p.add_argument("--presets", nargs="+", default=None,
                    help="preset names in configs/presets/ (shell patterns such as 'kvasir_*' allowed) or YAML files")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--root", action="append", default=[],
@@ -308,7 +311,15 @@ def build_parser() -> OneLineParser:
     p.add_argument("--exp_path", default="exp", help="where the runs (and sweep_logs/) go")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one run at a time on each "
                    "(CUDA_VISIBLE_DEVICES); default: one run at a time on what the child sees")
-    p.add_argument("--dry_run", action="store_true", help="print what would be skipped, resumed or started")
+    p.add_argument("--dry_run", action="store_true", help="print what would be skipped, resumed or started (with "
+                   "--launcher slurm: submitted, and the sbatch script)")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="local: child processes on this "
+                   "machine (default); slurm: one Slurm job array through submitit")
+    p.add_argument("--status", metavar="EXP", default=None, help="show each run of EXP as pending / running / "
+                   "finished / failed (with its Slurm job id) and exit")
+    p.add_argument("--wait", action="store_true", help="--launcher slurm: wait until the submitted runs have ended")
+    from experiments.slurm import add_arguments
+    add_arguments(p)
     return p
 
 
@@ -320,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if args.status is not None:
+        from experiments.slurm import status_rows, status_table
+        if not Path(args.status).is_dir():
+            raise UserError(f"--status {args.status}: not a folder (expected a sweep's --exp_path)")
+        print(status_table(status_rows(Path(args.status))))
+        return 0
+    if not args.presets:
+        raise UserError("run.py sweep: the following arguments are required: --presets (see run.py sweep --help)")
     exp = Path(args.exp_path)
     jobs = make_jobs(resolve_presets(args.presets), _seeds(args.seeds), _roots(args.root))
     missing = sorted({j.data for j in jobs if j.root is None})
@@ -328,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     owned = sorted(set(extra) & OWNED_FLAGS)
     if owned:
         raise UserError(f"flags after `--` must not set {', '.join(owned)}: the sweep sets them (they identify a run)")
+    slurm_only = [f for f in ("max_parallel", "wait") if getattr(args, f)] + [
+        f for f in ("slurm_partition", "slurm_gpus_per_task", "slurm_cpus_per_task", "slurm_mem", "slurm_account",
+                    "slurm_qos", "sbatch") if getattr(args, f)]
+    if args.launcher == "slurm":
+        if args.gpus:
+            raise UserError("--gpus is for --launcher local; with --launcher slurm ask for GPUs with "
+                            "--slurm_gpus_per_task")
+        from experiments.slurm import main as slurm_main
+        return slurm_main(exp, jobs, extra, args)
+    if slurm_only:
+        raise UserError(f"--{slurm_only[0]} is for --launcher slurm (this sweep runs locally)")
     gpus = [g for g in args.gpus.replace(" ", "").split(",") if g] if args.gpus else None
     if args.dry_run:
         for job in jobs:
@@ -341,9 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"cannot create --exp_path {exp}: {e}") from None
     sweep = Sweep(exp, jobs, extra, gpus)
     seeds = _seeds(args.seeds)
-    print(f"sweep: {len(jobs)} runs ({len(jobs) // len(seeds)} presets x {len(seeds)} seeds) in {exp}"
-          + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
     with SweepLock(exp):
+        from experiments.slurm import active_runs
+        held = active_runs(exp)
+        if held:  # the lock holds across launchers: never two copies of one run
+            jid, state = next(iter(held.values()))
+            raise UserError(f"{len(held)} runs of {exp} are still {state} in Slurm (job {jid.split('_')[0]}); wait "
+                            f"for them (run.py sweep --status {exp}) or scancel them before a local sweep")
+        print(f"sweep: {len(jobs)} runs ({len(jobs) // len(seeds)} presets x {len(seeds)} seeds) in {exp}"
+              + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
         outcomes = sweep.run()
     print(report(outcomes, jobs), flush=True)
     if sweep.stop.is_set():
