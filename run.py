@@ -140,12 +140,24 @@ def trim_losses(run_dir: Path, iteration: int) -> None:
 
 def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     """Train (or, with --resume, continue a run in its folder)."""
-    from engine.run_folder import SafeWriter, check_exp_path, expected_run_bytes, setup_logger
+    from engine.run_folder import (
+        SafeWriter,
+        check_exp_path,
+        check_resume_exp_path,
+        expected_run_bytes,
+        lock_run,
+        log_file_only,
+        setup_logger,
+    )
     from engine.train import Trainer, checkpoint_bytes, make_model, seed_everything
 
     restored = None
     if args.resume:
         restored, args = restore_run(args, explicit, "resume")
+        if restored.run_dir is not None:
+            check_resume_exp_path(restored.run_dir, explicit)
+            if dist_ctx.is_main:  # before anything in the folder changes; held until the process ends
+                lock_run(restored.run_dir)
         check_resume_point(restored, args)
     if not args.root:
         from parse_args import FlagError
@@ -162,6 +174,8 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     if restored:
         trainer.load_state(restored)
     trainer.run_dir = open_run_dir(args, dist_ctx, log, existing=existing)
+    if dist_ctx.is_main and existing is None:
+        lock_run(trainer.run_dir)
     writer = None
     if dist_ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -172,13 +186,14 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
         writer = trainer.writer = SafeWriter(SummaryWriter(str(trainer.run_dir), purge_step=purge), log)
     try:
         summary = trainer.fit()
-    except BaseException as e:  # the run's log.txt says how it ended
-        log.error(f"error: {one_line(e) or type(e).__name__}")
+    except BaseException as e:  # the run's log.txt says how it ended (the console gets the line from `cli`)
+        log_file_only(log, f"error: {one_line(e) or type(e).__name__}")
         raise
     finally:
         if writer is not None:
             writer.close()
     return INTERRUPTED_EXIT if summary.get("interrupted") else 0
+
 
 
 def main(argv=None) -> int:
@@ -208,6 +223,8 @@ def main(argv=None) -> int:
             return run_test(args, explicit, device, dist_ctx)
         return run_train(args, explicit, device, dist_ctx)
     finally:
+        from engine.run_folder import release_locks
+        release_locks()
         cleanup_distributed()
 
 

@@ -93,7 +93,7 @@ def test_summary_equals_a_direct_computation(exp, capsys):
 
     md = (exp / "summary.md").read_text()
     assert "| 7.00 (1 of 2) |" in md
-    assert "| kvasir | presetA | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
+    assert "| kvasir | presetA | - | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
     not_averaged = md.split("## Not averaged")[1]
     assert "| presetB | 1 | unfinished | no metrics.json; last logged iteration 4, no checkpoint |" in not_averaged
     assert "| presetB | 2 | stopped_early | final_iteration 4 < max_ite 6 |" in not_averaged
