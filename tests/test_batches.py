@@ -10,8 +10,8 @@ from PIL import Image
 
 from datasets.batches import TrainBatches, epoch_permutation, iteration_flips
 from datasets.segmentation import SegmentationDataset
-from datasets.synthetic import make_synthetic_dataset
 from engine.train import lr_at_epoch
+from prepare.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

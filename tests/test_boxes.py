@@ -1,4 +1,4 @@
-"""Box supervision: filled boxes and box+CRF maps written as gaze maps by `datasets.prepare kvasir --boxes`."""
+"""Box supervision: filled boxes and box+CRF maps written as gaze maps by `python -m prepare kvasir --boxes`."""
 import json
 from pathlib import Path
 
@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 from common.dataspec import load_spec
-from datasets.boxes import BOX_PRIOR, box_mask, box_prior, make_box_maps, map_dice_report, read_boxes
 from datasets.io import DataError, read_gray
-from datasets.prepare import main as prepare_main
-from datasets.synthetic import polyp_image
 from gaze import crf as crf_mod
 from gaze.heatmap import to_uint8
 from gaze.pipeline import load_crf_image
+from prepare.boxes import BOX_PRIOR, box_mask, box_prior, make_box_maps, map_dice_report, read_boxes
+from prepare.cli import main as prepare_main
+from prepare.synthetic import polyp_image
 
 SPEC = load_spec("kvasir")
 

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 import run
-from datasets.synthetic import make_synthetic_dataset
 from gaze.__main__ import main as gaze_main
+from prepare.synthetic import make_synthetic_dataset
 from tests.tiny_runs import TINY_MODEL
 
 SPEC = """\

@@ -1,4 +1,4 @@
-"""python -m datasets.prepare kvasir: synthetic Kvasir-SEG folders and the real download."""
+"""python -m prepare kvasir: synthetic Kvasir-SEG folders and the real download."""
 from pathlib import Path
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from datasets.io import DataError, read_gray, read_ids, read_image
-from datasets.prepare import main
-from datasets.prepare_kvasir import prepare_kvasir, random_split, scan_kvasir
+from prepare.cli import main
+from prepare.kvasir import prepare_kvasir, random_split, scan_kvasir
 
 SIZES = {f"id{i:02d}": (30 + 7 * i, 20 + 3 * i) for i in range(10)}  # (width, height), all different
 

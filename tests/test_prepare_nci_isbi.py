@@ -1,4 +1,4 @@
-"""python -m datasets.prepare nci-isbi: synthetic TCIA-like trees (pydicom + pynrrd) and the real labels."""
+"""python -m prepare nci-isbi: synthetic TCIA-like trees (pydicom + pynrrd) and the real labels."""
 import csv
 import shutil
 from pathlib import Path
@@ -12,8 +12,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from datasets.io import DataError, read_dicom, read_gray
-from datasets.prepare import main
-from datasets.prepare_nci_isbi import check_slice_geometry, prepare_nci_isbi
+from prepare.cli import main
+from prepare.nci_isbi import check_slice_geometry, prepare_nci_isbi
 
 # ---------------------------------------------------------------- synthetic data
 

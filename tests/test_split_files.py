@@ -9,7 +9,7 @@ from scipy import ndimage
 
 import run
 from datasets.io import DataError, read_ids
-from datasets.prepare import main as prepare_main
+from prepare.cli import main as prepare_main
 from tests.test_prepare_kvasir import make_kvasir, write_split
 from tests.tiny_runs import tiny_argv
 

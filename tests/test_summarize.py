@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from common.errors import UserError
-from engine import summarize
+from experiments import summarize
 
 
 def write_run(exp: Path, name: str, seed: int, stamp: str, *, max_ite: int = 6, final=None, best=None,

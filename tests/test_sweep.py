@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from common.errors import UserError
-from engine import summarize, sweep
+from experiments import summarize, sweep
 from tests.tiny_runs import tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_sweep_interrupted_and_rerun_finishes_each_run_once(tmp_path, capsys):
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     # 1. a sweep, stopped with SIGTERM once its first run (tinyA, seed 0) has saved a checkpoint
-    proc = subprocess.Popen([sys.executable, "-m", "engine.sweep", *argv], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *argv], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: list(exp.glob("0/kvasir/tinyA_*/model_latest.pth")), proc, 240)

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from datasets.synthetic import make_synthetic_dataset
+from prepare.synthetic import make_synthetic_dataset
 
 TINY_MODEL = ["--features", "8,8,16,16,32,8", "--feat_dim", "8", "--spatial_size", "32"]
 

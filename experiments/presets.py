@@ -1,5 +1,5 @@
 """Presets: the paper's runs, ablations and baselines as YAML files under configs/presets/ (keys = run.py flag
-names, `run_name` = the file's name). `python -m engine.presets` prints the README's table of them."""
+names, `run_name` = the file's name). `python -m experiments.presets` prints the README's table of them."""
 import fnmatch
 from pathlib import Path
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from common.dataspec import DataSpec
 from datasets.io import DataError, image_size, read_gray
-from datasets.util import fail_listing
+from prepare.util import fail_listing
 
 BOX_DIR, BOX_CRF_DIR = "box", "box_crf"
 BOX_PRIOR = 0.7  # < e / (1 + e): see the module docstring

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from datasets.io import DataError, decoded_size, read_ids, split_line_numbers
-from datasets.util import fail_listing, make_out_dir, write_list
+from prepare.util import fail_listing, make_out_dir, write_list
 
 
 def _sizes(paths: list, workers: int) -> list:

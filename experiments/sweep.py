@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import OneLineParser, UserError, UserErrors
+from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, UserErrors
 from common.files import write_text_atomic
-from engine.presets import read_preset, resolve_presets
 from engine.run_folder import identity_differences
-from engine.summarize import Run, read_run
+from experiments.presets import read_preset, resolve_presets
+from experiments.summarize import Run, read_run
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 OWNED_FLAGS = {"--config", "--seed", "--exp_path", "--run_name", "--resume", "--ckpt_path", "--test", "--data"}
@@ -127,7 +127,7 @@ def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None
     Sets each job's identity."""
     from common.dataspec import load_spec
     from engine.run_folder import run_identity, spec_record
-    from engine.summarize import default_settings
+    from experiments.summarize import default_settings
 
     problems: list[str] = []
     datasets = {j.data for j in jobs}
@@ -276,7 +276,7 @@ class Sweep:
         after = [r for r in existing_runs(self.exp, job) if r.status == "finished"]
         if rc == 0 and after:
             status = "finished"
-        elif self.stop.is_set() and rc in (130, -signal.SIGTERM, -signal.SIGINT):
+        elif self.stop.is_set() and rc in (INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
             status = "interrupted"
         else:
             status = f"failed (exit {rc})" if rc != 0 else "failed (exit 0 but no finished metrics.json)"
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = sweep.run()
     print(report(outcomes, jobs), flush=True)
     if sweep.stop.is_set():
-        return 130
+        return INTERRUPTED_EXIT
     return 0 if all(o.status == "finished" for o in outcomes) and len(outcomes) == len(jobs) else 1
 
 

@@ -1,15 +1,15 @@
 r"""Prepare the datasets from their official downloads: one command per dataset.
 
-    python -m datasets.prepare kvasir --src Kvasir-SEG --out data/kvasir --split-dir SPLITS
-    python -m datasets.prepare kvasir --src Kvasir-SEG --out data/kvasir --test-size 120 --seed 0
-    python -m datasets.prepare kvasir --src Kvasir-SEG --out data/kvasir --split-dir SPLITS \
+    python -m prepare kvasir --src Kvasir-SEG --out data/kvasir --split-dir SPLITS
+    python -m prepare kvasir --src Kvasir-SEG --out data/kvasir --test-size 120 --seed 0
+    python -m prepare kvasir --src Kvasir-SEG --out data/kvasir --split-dir SPLITS \
         --boxes Kvasir-SEG/kavsir_bboxes.json [--box-crf]
-    python -m datasets.prepare nci-isbi --dicom "NCI-ISBI 2013 prostate" --labels LABELS \
+    python -m prepare nci-isbi --dicom "NCI-ISBI 2013 prostate" --labels LABELS \
         [--test-labels LEADERBOARD TEST] --out data/prostate
-    python -m datasets.prepare nci-isbi --labels LABELS --masks-only --out data/prostate
+    python -m prepare nci-isbi --labels LABELS --masks-only --out data/prostate
 
-Both write OUT/images/, OUT/masks/, OUT/train.txt and OUT/test.txt (see prepare_kvasir.py and
-prepare_nci_isbi.py for the details). With --boxes, kvasir also writes box pseudo-masks as gaze maps
+Both write OUT/images/, OUT/masks/, OUT/train.txt and OUT/test.txt (see kvasir.py and
+nci_isbi.py for the details). With --boxes, kvasir also writes box pseudo-masks as gaze maps
 OUT/gaze/box/ (and OUT/gaze/box_crf/ with --box-crf; see boxes.py) and prints their Dice against the masks.
 """
 import argparse
@@ -19,15 +19,15 @@ from pathlib import Path
 
 from common.dataspec import load_spec
 from common.errors import OneLineParser, run_cli
-from datasets.boxes import BOX_CRF_DIR, BOX_DIR, make_box_maps, map_dice_report
 from datasets.io import DataError
-from datasets.prepare_kvasir import prepare_kvasir
-from datasets.prepare_nci_isbi import prepare_nci_isbi
-from datasets.util import warn
+from prepare.boxes import BOX_CRF_DIR, BOX_DIR, make_box_maps, map_dice_report
+from prepare.kvasir import prepare_kvasir
+from prepare.nci_isbi import prepare_nci_isbi
+from prepare.util import warn
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m datasets.prepare", description=__doc__,
+    parser = OneLineParser(prog="python -m prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.io import DataError, decoded_size
-from datasets.util import make_out_dir, write_list
+from prepare.util import make_out_dir, write_list
 
 ANGLE_TOL = 1e-3   # 1 - cos(angle) between NRRD and DICOM axes: about 2.6 degrees
 POS_TOL = 1e-2     # voxels of slack on the half-voxel bound, for the rounding of DICOM decimal strings
