@@ -16,6 +16,11 @@ from common.errors import UserError
 
 # keys that say what to do once, not what a run is: never recorded as settings, refused in a --config file
 ONE_SHOT = ("config", "resume", "test", "ckpt_path", "demo")
+# flags that cannot change a run's results (where and how it runs, logs and is written, what it is called):
+# left out of a run's identity (common.identity), which the sweep and summarize compare
+RESULT_NEUTRAL = ONE_SHOT + ("seed", "num_worker", "device", "log_step", "save_step", "quiet", "exp_path",
+                             "run_name", "root", "preload", "save_pred", "propagation", "compile",
+                             "channels_last", "fp16", "model")
 METHOD_ALIASES = {"gaze": "gaze_sup", "gaze_sup": "gaze_sup", "full": "full_sup", "full_sup": "full_sup"}
 USAGE = """
   run.py [--config YAML] [flags]                      train (the paper's flags; see below)

@@ -1,8 +1,6 @@
 """The run folder: EXP/<seed>/<data>/<run_id>_<timestamp>/ with log.txt, config.yaml, data_spec.yaml,
 metrics.json, losses.csv, TensorBoard events and checkpoints. Nothing here is ever overwritten by a new run.
-
-A run's identity (`run_identity`) is every recorded setting that can change its results: the sweep's
-skip/resume rule and summarize's grouping both use it."""
+A run's identity (what the sweep and summarize compare) is common.identity.run_identity."""
 import fcntl
 import logging
 import os
@@ -17,15 +15,8 @@ import yaml
 from common.dataspec import DataSpec, load_spec, spec_record
 from common.errors import UserError
 from common.files import write_json, write_text_atomic  # noqa: F401  (write_json re-exported for the engine)
+from common.identity import SPEC_FILE, read_recorded_spec  # noqa: F401  (re-exported for the engine)
 from parse_args import ONE_SHOT
-
-# Settings that cannot change a run's results: where and how it runs, logs and is written, and what it is
-# called. Everything else recorded (the dataset spec's content included) is the run's identity.
-# (The one list; parse_args.ONE_SHOT are the one-shot command keys, never recorded at all.)
-RESULT_NEUTRAL = ONE_SHOT + ("seed", "num_worker", "device", "log_step", "save_step", "quiet", "exp_path",
-                             "run_name", "root", "preload", "save_pred", "propagation", "compile",
-                             "channels_last", "fp16", "model")
-SPEC_FILE = "data_spec.yaml"
 
 LOG_SLACK_BYTES = 64 * 1024 ** 2  # logs, losses.csv, TensorBoard events, predictions of a small split
 
@@ -75,58 +66,6 @@ def recorded_settings(args) -> dict:
 def data_spec_of(args) -> dict:
     """The resolved dataset spec of the settings (every key), as recorded in RUN/data_spec.yaml."""
     return spec_record(load_spec(args.data))
-
-
-def run_identity(settings: dict, spec: dict | None, defaults: dict) -> dict:
-    """The settings that define a run's experiment: all but `RESULT_NEUTRAL`, with `data` replaced by the
-    dataset spec's content (`spec`: as the run recorded it; None for a run recorded before specs were:
-    its `data` as it loads now)."""
-    identity = {k: v for k, v in {**defaults, **settings}.items() if k not in RESULT_NEUTRAL}
-    if spec is None:
-        try:
-            spec = spec_record(load_spec(identity.get("data")))
-        except UserError:
-            spec = {"name": identity.get("data")}
-    identity["data"] = spec
-    if isinstance(identity.get("features"), tuple):
-        identity["features"] = list(identity["features"])
-    return identity
-
-
-def differing_keys(a: dict, b: dict) -> list[str]:
-    """The settings on which two identities differ (`data.<key>` for a key of the dataset spec)."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if va == vb:
-            continue
-        if key == "data" and isinstance(va, dict) and isinstance(vb, dict):
-            out += [f"data.{k}" for k in sorted(set(va) | set(vb), key=str) if va.get(k) != vb.get(k)]
-        else:
-            out.append(key)
-    return out
-
-
-def identity_value(identity: dict, key: str):
-    """The value of a `differing_keys` key in an identity."""
-    if key.startswith("data."):
-        spec = identity.get("data")
-        return spec.get(key[5:]) if isinstance(spec, dict) else None
-    return identity.get(key)
-
-
-def identity_differences(a: dict, b: dict) -> list[str]:
-    """`key a_value vs b_value` for every setting on which two identities differ."""
-    return [f"{k} {identity_value(a, k)} vs {identity_value(b, k)}" for k in differing_keys(a, b)]
-
-
-def read_recorded_spec(run_dir: Path) -> dict | None:
-    """RUN/data_spec.yaml as recorded, or None (a run recorded before specs were, or an unreadable file)."""
-    try:
-        raw = yaml.safe_load((Path(run_dir) / SPEC_FILE).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return raw if isinstance(raw, dict) else None
 
 
 class RunLock:

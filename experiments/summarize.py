@@ -21,7 +21,8 @@ import yaml
 
 from common.errors import OneLineParser, UserError
 from common.files import atomic_path, write_text_atomic
-from engine.run_folder import differing_keys, identity_value, read_recorded_spec, run_identity
+from common.identity import differing_keys, identity_value, read_recorded_spec, run_identity
+from parse_args import RESULT_NEUTRAL
 
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
 _EVALUATION = re.compile(r"_test_\d{8}-\d{6}(-\d+)?$")  # the folder --test writes (engine.run_folder)
@@ -48,7 +49,7 @@ class Run:
     reason: str = ""
     metrics: dict | None = None
     config: dict = field(default_factory=dict)
-    identity: dict = field(default_factory=dict)  # engine.run_folder.run_identity: what defines the experiment
+    identity: dict = field(default_factory=dict)  # common.identity.run_identity: what defines the experiment
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -124,7 +125,7 @@ def read_run(run_dir: Path) -> Run:
         return Run(run_dir, data, str(name), None, None, "unreadable", why)
     seed = config.get("seed")
     max_ite = config.get("max_ite")
-    identity = run_identity(config, read_recorded_spec(run_dir), default_settings())
+    identity = run_identity(config, read_recorded_spec(run_dir), default_settings(), RESULT_NEUTRAL)
     run = Run(run_dir, data, str(name), seed, max_ite, "unfinished", config=config, identity=identity)
     if config.get("test") or _EVALUATION.search(run_dir.name):
         run.status, run.reason = "evaluation", "a --test folder"

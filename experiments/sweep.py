@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, UserErrors
 from common.files import write_text_atomic
-from engine.run_folder import identity_differences
+from common.identity import identity_differences
 from experiments.presets import read_preset, resolve_presets
 from experiments.summarize import Run, read_run
 
@@ -41,7 +41,7 @@ class Job:
     data: str        # the run folder's <data> component (the dataset spec's name)
     seed: int
     root: str | None
-    identity: dict | None = None  # engine.run_folder.run_identity of the run this job would start
+    identity: dict | None = None  # common.identity.run_identity of the run this job would start
 
     @property
     def label(self) -> str:
@@ -125,9 +125,10 @@ def root_problem(root: str | None, settings) -> str:
 def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None:
     """Every run's preset, flags and root checked before the first child starts: one line per problem.
     Sets each job's identity."""
-    from common.dataspec import load_spec
-    from engine.run_folder import run_identity, spec_record
+    from common.dataspec import load_spec, spec_record
+    from common.identity import run_identity
     from experiments.summarize import default_settings
+    from parse_args import RESULT_NEUTRAL
 
     problems: list[str] = []
     datasets = {j.data for j in jobs}
@@ -143,7 +144,8 @@ def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None
                 refused.add(job.preset)
                 problems.append(f"{job.data}/{job.run_name} ({job.preset}): {e}")
             continue
-        job.identity = run_identity(vars(settings), spec_record(load_spec(settings.data)), default_settings())
+        job.identity = run_identity(vars(settings), spec_record(load_spec(settings.data)), default_settings(),
+                                    RESULT_NEUTRAL)
         key = (settings.root, settings.method, settings.gaze_dir, settings.train_split, settings.test_split)
         if key not in checked:
             checked[key] = root_problem(settings.root, settings)
