@@ -1,0 +1,195 @@
+"""What a run records and how later commands treat it: one-shot command keys are never settings; the resolved
+dataset spec is recorded and used by --test/--resume (no spec file needed); a run folder is locked by the one
+process that trains in it; a record that disagrees with its checkpoint, a checkpoint without optimizer state
+or with weights that do not fit, a run name that is a path, an --exp_path given to --resume: one line, exit 2,
+nothing changed."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import run
+from common import dataspec
+from tests.tiny_runs import only_run_dir, tiny_argv, tiny_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FLAGS = ["--max_ite", "4", "--val_step", "2", "--log_step", "2", "--save_step", "1000", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"), num_train=4, num_test=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    """A finished 4-iteration run trained on a spec file given by a relative path."""
+    base = tmp_path_factory.mktemp("trained")
+    shutil.copy(dataspec.BUILTIN_DIR / "kvasir.yaml", base / "spec.yaml")
+    argv = tiny_argv(data_root, base / "exp", *FLAGS)
+    argv[argv.index("--data") + 1] = "spec.yaml"
+    cwd = Path.cwd()
+    try:
+        import os
+        os.chdir(base)
+        assert run.cli(argv) == 0
+    finally:
+        os.chdir(cwd)
+    return only_run_dir(base / "exp"), base / "spec.yaml"
+
+
+def copy_run(trained, tmp_path) -> Path:
+    run_dir = tmp_path / "exp" / "0" / "kvasir" / trained[0].name
+    shutil.copytree(trained[0], run_dir)
+    (run_dir / ".lock").unlink(missing_ok=True)
+    return run_dir
+
+
+def digests(folder: Path) -> dict:
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def refused(capsys, argv, *needles) -> str:
+    """The command exits 2 with one `error:` line containing every needle, and no traceback."""
+    capsys.readouterr()
+    assert run.cli([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_run_records_settings_and_its_spec_not_commands(trained):
+    run_dir, spec = trained
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert not {"resume", "test", "ckpt_path", "demo", "config"} & set(config)
+    assert config["data"] == str(spec)  # absolute: the run does not depend on where it was started
+    recorded = yaml.safe_load((run_dir / "data_spec.yaml").read_text())
+    assert recorded == dataspec.spec_record(dataspec.load_spec("kvasir"))
+    ckpt = torch.load(run_dir / "model_latest.pth", weights_only=True)
+    assert ckpt["data_spec"] == recorded and "resume" not in ckpt["args"]
+
+
+def test_reusing_a_resumed_runs_config_starts_a_new_run(trained, data_root, tmp_path, capsys):
+    """A run resumed once, its config.yaml given to --config with another --exp_path: a new run there, the old
+    run untouched. A --config holding a command key is refused, saying to pass it on the command line."""
+    run_dir = copy_run(trained, tmp_path)
+    assert run.cli(["--resume", "--ckpt_path", str(run_dir), "--max_ite", "6", "--root", str(data_root)]) == 0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["max_ite"] == 6 and "resume" not in config and "ckpt_path" not in config
+    before = digests(run_dir)
+    new = tmp_path / "new"
+    assert run.cli(["--config", str(run_dir / "config.yaml"), "--exp_path", str(new), "--max_ite", "2"]) == 0
+    assert digests(run_dir) == before
+    assert json.loads((only_run_dir(new) / "metrics.json").read_text())["final_iteration"] == 2
+
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text(yaml.safe_dump({**config, "resume": True, "ckpt_path": str(run_dir)}))
+    refused(capsys, ["--config", legacy, "--exp_path", tmp_path / "x"], "resume: True", "command line")
+    assert digests(run_dir) == before and not (tmp_path / "x").exists()
+
+
+def test_the_recorded_spec_is_used_after_the_file_changes(trained, data_root, tmp_path, capsys):
+    """--test from another directory needs no spec file; an edited spec file is reported and not used by --test;
+    --resume refuses it; the same spec by its absolute path is accepted."""
+    run_dir = copy_run(trained, tmp_path)
+    out = tmp_path / "eval"
+    assert run.cli(["--test", "--ckpt_path", str(run_dir), "--exp_path", str(out), "--quiet"]) == 0
+    first = json.loads(next(out.rglob("metrics.json")).read_text())["test"]
+    spec = trained[1]
+    original = spec.read_text()
+    try:
+        spec.write_text(original.replace("normalization: imagenet", "normalization: {mean: [0, 0, 0], std: "
+                                                                    "[1, 1, 1]}"))
+        dataspec._CACHE.clear()
+        out2 = tmp_path / "eval2"
+        assert run.cli(["--test", "--ckpt_path", str(run_dir), "--exp_path", str(out2)]) == 0
+        assert json.loads(next(out2.rglob("metrics.json")).read_text())["test"] == first
+        assert "changed since the run recorded it (normalization); using the recorded spec" in capsys.readouterr().out
+        before = digests(run_dir)
+        refused(capsys, ["--resume", "--ckpt_path", run_dir, "--max_ite", "6"], "changed since the run recorded it",
+                "normalization")
+        assert digests(run_dir) == before
+    finally:
+        spec.write_text(original)
+        dataspec._CACHE.clear()
+    # the same spec by its absolute path (it was given relative): not a change
+    out3 = tmp_path / "eval3"
+    assert run.cli(["--test", "--ckpt_path", str(run_dir), "--data", str(spec), "--exp_path", str(out3)]) == 0
+
+
+def test_a_run_folder_is_locked_by_its_trainer(trained, tmp_path, capsys):
+    """A second trainer is refused at once, naming the holder's pid; once the holder is gone its lock is taken
+    over; --test reads the locked run."""
+    run_dir = copy_run(trained, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = digests(run_dir)
+        refused(capsys, ["--resume", "--ckpt_path", run_dir, "--max_ite", "6"], f"pid {holder.pid}", "in use")
+        assert digests(run_dir) == before
+        assert run.cli(["--test", "--ckpt_path", str(run_dir), "--exp_path", str(tmp_path / "eval"), "--quiet"]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run_dir / ".lock").read_text().strip() == str(holder.pid)  # stale: its process is gone
+    assert run.cli(["--resume", "--ckpt_path", str(run_dir), "--max_ite", "6"]) == 0
+
+
+def test_a_hand_edited_config_is_an_error_listing_the_difference(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path)
+    path = run_dir / "config.yaml"
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: 0.05"))
+    before = digests(run_dir)
+    refused(capsys, ["--resume", "--ckpt_path", run_dir, "--max_ite", "6"], "lr: config.yaml 0.05, checkpoint 0.01")
+    assert digests(run_dir) == before
+
+
+def test_a_checkpoint_without_optimizer_state_is_not_resumed(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path)
+    ckpt = torch.load(run_dir / "model_latest.pth", weights_only=True)
+    del ckpt["opt"]
+    torch.save(ckpt, run_dir / "model_latest.pth")
+    before = digests(run_dir)
+    refused(capsys, ["--resume", "--ckpt_path", run_dir, "--max_ite", "6"], "no optimizer state ('opt')")
+    assert digests(run_dir) == before
+
+
+def test_resume_with_weights_that_do_not_fit_is_one_line(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path)
+    ckpt = torch.load(run_dir / "model_latest.pth", weights_only=True)
+    ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
+    torch.save(ckpt, run_dir / "model_latest.pth")
+    before = digests(run_dir)
+    refused(capsys, ["--resume", "--ckpt_path", run_dir, "--max_ite", "6"], "incompatible checkpoint", "missing keys")
+    assert digests(run_dir) == before
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", ".."])
+def test_a_run_name_is_one_folder_name(name, data_root, tmp_path, capsys):
+    refused(capsys, tiny_argv(data_root, tmp_path / "exp", *FLAGS, "--run_name", name), "--run_name", "one folder")
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "x").exists()
+
+
+def test_resume_of_a_finished_run_records_its_last_evaluation_once(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path)
+    assert run.cli(["--resume", "--ckpt_path", str(run_dir)]) == 0
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == [2, 4]
+    # --resume continues in the run's own folder: another --exp_path is refused, not ignored
+    before = digests(run_dir)
+    refused(capsys, ["--resume", "--ckpt_path", run_dir, "--exp_path", tmp_path / "elsewhere"], "--exp_path",
+            "own folder")
+    assert digests(run_dir) == before and not (tmp_path / "elsewhere").exists()
