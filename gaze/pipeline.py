@@ -307,13 +307,20 @@ def check_heatmaps_exist(jobs: list) -> None:
 
 
 def check_images_found(jobs: list, csv_path, root: Path, spec: DataSpec, share: float = 0.5) -> None:
-    """Most of the CSV's images exist under ROOT/images: a fixation file of another dataset would otherwise
-    give heatmaps of images that do not exist, without a word."""
-    found = sum(j.image.is_file() for j in jobs)
+    """At least `share` of the CSV's images exist under ROOT/images: a fixation file of another dataset would
+    otherwise give heatmaps of images that do not exist, without a word. A root without any image (the heatmap
+    step needs none when the CSV has the sizes) is checked against ROOT/masks instead, and one with neither
+    is not checked."""
+    where, exists = root / "images", [j.image.is_file() for j in jobs]
+    if not any(root.glob(f"images/*{spec.image_ext}")):
+        where, exists = root / "masks", [j.mask.is_file() for j in jobs]
+        if not any(root.glob(f"masks/*{spec.mask_ext}")):
+            return
+    found = sum(exists)
     if found < share * len(jobs):
-        raise DataError(f"{csv_path}: {found} of {len(jobs)} images found under {root / 'images'} (as "
-                        f"<id>{spec.image_ext}, the dataset spec's image_ext); is it the fixation file of this "
-                        "dataset and root?")
+        ext = spec.image_ext if where.name == "images" else spec.mask_ext
+        raise DataError(f"{csv_path}: {found} of {len(jobs)} images found under {where} (as <id>{ext}, the "
+                        "dataset spec's extension); is it the fixation file of this dataset and root?")
 
 
 def prepare_out(out_dir: Path, steps: Sequence[str]) -> None:
