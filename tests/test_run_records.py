@@ -193,3 +193,52 @@ def test_resume_of_a_finished_run_records_its_last_evaluation_once(trained, tmp_
     refused(capsys, ["--resume", "--ckpt_path", run_dir, "--exp_path", tmp_path / "elsewhere"], "--exp_path",
             "own folder")
     assert digests(run_dir) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_predict_leaves_nothing_behind_or_says_what_it_wrote(trained, tmp_path, capsys):
+    """A gray image for an RGB model: no --out folder left behind. A folder whose last JPEG is truncated: the line
+    says which images were written."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(gray / "g.png")
+    out = tmp_path / "out"
+    refused(capsys, ["predict", "--ckpt_path", trained[0], "--input", gray, "--out", out], "g.png", "channel")
+    assert not out.exists()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{name}.jpg")
+    data = (images / "c.jpg").read_bytes()
+    (images / "c.jpg").write_bytes(data[:len(data) // 2])
+    line = refused(capsys, ["predict", "--ckpt_path", trained[0], "--input", images, "--out", out], "c.jpg")
+    assert "the 2 image(s) before it (a.jpg to b.jpg) were written" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png"]
+
+
+def test_a_png_where_the_spec_expects_jpg_gets_a_hint(data_root, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(data_root, root)
+    first = (root / "train.txt").read_text().split()[0]
+    from PIL import Image
+    Image.open(root / "images" / f"{first}.jpg").save(root / "images" / f"{first}.png")
+    (root / "images" / f"{first}.jpg").unlink()
+    refused(capsys, tiny_argv(root, tmp_path / "exp", *FLAGS, "--preload", "no"), f"{first}.jpg",
+            f"there is {first}.png", "expects .jpg")
+
+
+def test_yaml_and_spec_mistakes_are_named(data_root, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("features: 4\n")
+    refused(capsys, tiny_argv(data_root, tmp_path / "exp", "--config", config), "key features",
+            "a list of integers, e.g. [8, 8, 16, 16, 32, 8]")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text((dataspec.BUILTIN_DIR / "kvasir.yaml").read_text() + "in_channels: 1\n")
+    argv = tiny_argv(data_root, tmp_path / "exp")
+    argv[argv.index("--data") + 1] = str(spec)
+    refused(capsys, argv, str(spec), "key 'in_channels' is given twice at line")
+    assert not (tmp_path / "exp").exists()
