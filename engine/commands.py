@@ -11,7 +11,6 @@ from engine.restore import restore, restored_model
 from engine.run_folder import (
     LOG_SLACK_BYTES,
     RunError,
-    SafeWriter,
     attach_log_file,
     check_exp_path,
     check_resume_exp_path,
@@ -20,6 +19,7 @@ from engine.run_folder import (
     lock_run,
     log_file_only,
     metrics_table,
+    open_tensorboard,
     release_locks,
     save_config,
     setup_logger,
@@ -159,12 +159,11 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
         lock_run(trainer.run_dir)
     writer = None
     if dist_ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
         if existing:
             trim_losses(existing, trainer.iteration)
         # purge_step: TensorBoard drops the events of a previous attempt after the resumed iteration
         purge = trainer.iteration + 1 if existing else None
-        writer = trainer.writer = SafeWriter(SummaryWriter(str(trainer.run_dir), purge_step=purge), log)
+        writer = trainer.writer = open_tensorboard(trainer.run_dir, purge, log)
     try:
         summary = trainer.fit()
     except BaseException as e:  # the run's log.txt says how it ended (the console gets the line from run.cli)

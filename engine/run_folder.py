@@ -248,6 +248,17 @@ def save_config(args, run_dir: Path) -> None:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(recorded_settings(args), sort_keys=False))
 
 
+def open_tensorboard(run_dir: Path, purge_step, log: logging.Logger) -> "SafeWriter":
+    """The run's TensorBoard writer; a disk already full when it opens warns once (training goes on)."""
+    from torch.utils.tensorboard import SummaryWriter
+    try:
+        return SafeWriter(SummaryWriter(str(run_dir), purge_step=purge_step), log)
+    except OSError as e:
+        writer = SafeWriter(None, log)
+        writer._fail(e)
+        return writer
+
+
 class SafeWriter:
     """A TensorBoard writer whose failures (a full disk...) warn once and stop its logging; the run goes on."""
 
@@ -272,7 +283,8 @@ class SafeWriter:
             self._previous_hook(hook_args)
 
     def __getattr__(self, name):
-        method = getattr(self._writer, name)
+        if name.startswith("_"):
+            raise AttributeError(name)
 
         def call(*args, **kwargs):
             if self.failed:
@@ -280,7 +292,7 @@ class SafeWriter:
                     threading.excepthook = self._previous_hook
                 return None
             try:
-                return method(*args, **kwargs)
+                return getattr(self._writer, name)(*args, **kwargs)
             except OSError as e:
                 self._fail(e)
             finally:

@@ -128,18 +128,20 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.saved:  # the checkpoint is written and the process is on its way out: nothing left to stop
-            return
         if self.signal is not None:
-            self.saved = True  # raised once: a third signal during the unwinding is ignored as well
+            self.ignore_from_now()  # raised once: a third signal during the unwinding is ignored
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self.signal = signal.Signals(signum).name
 
-    saved = False
+    def ignore_from_now(self) -> None:
+        """The process is on its way out (status 130, one line): later signals must not kill it. SIG_IGN, not a
+        Python handler, as Python puts its handlers back to the default while it shuts down."""
+        for sig in self._old:
+            signal.signal(sig, signal.SIG_IGN)
 
     def __exit__(self, *exc):
-        if self.signal is not None:  # stopping: later signals must not kill the process (status 130, one line)
-            self.saved = True
+        if self.signal is not None:  # stopping after a checkpoint
+            self.ignore_from_now()
             return
         for sig, old in self._old.items():
             signal.signal(sig, old)

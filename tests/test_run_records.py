@@ -242,3 +242,60 @@ def test_yaml_and_spec_mistakes_are_named(data_root, tmp_path, capsys):
     argv[argv.index("--data") + 1] = str(spec)
     refused(capsys, argv, str(spec), "key 'in_channels' is given twice at line")
     assert not (tmp_path / "exp").exists()
+
+
+def test_a_full_disk_warns_once_for_the_log_and_once_for_tensorboard(trained, tmp_path, capsys, monkeypatch):
+    """log.txt on a full disk (/dev/full) and TensorBoard's writer thread failing: one warning each, no
+    traceback, and training goes on to its end."""
+    from tensorboard.summary.writer import record_writer
+
+    run_dir = copy_run(trained, tmp_path)
+    (run_dir / "log.txt").unlink()
+    (run_dir / "log.txt").symlink_to("/dev/full")
+
+    real, writes = record_writer.RecordWriter.write, []
+
+    def full(self, data):  # the disk fills after the first few events (the thread writes them)
+        writes.append(1)
+        if len(writes) > 3:
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    capsys.readouterr()
+    assert run.cli(["--resume", "--ckpt_path", str(run_dir), "--max_ite", "8", "--log_step", "1"]) == 0
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert "Traceback" not in both and "Logging error" not in both, both
+    assert captured.err.count("warning: cannot write") == 1 and "log.txt" in captured.err
+    assert both.count("TensorBoard logging stopped") == 1
+    assert json.loads((run_dir / "metrics.json").read_text())["final_iteration"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.01, 0.3])
+def test_a_second_sigterm_ends_with_one_line_and_status_130(data_root, tmp_path, gap):
+    import os
+    import signal
+    import time
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "run.py", *tiny_argv(data_root, exp, "--max_ite", "100000", "--val_step", "100000",
+                                                "--log_step", "1", "--save_step", "100000", "--quiet")]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(exp.glob("0/kvasir/*/losses.csv")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(gap)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) <= 1, err
+    assert out.count("SIGTERM") + err.count("SIGTERM") == 1, (out, err)
