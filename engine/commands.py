@@ -4,6 +4,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from common.errors import INTERRUPTED_EXIT, one_line
+from datasets.segmentation import level_thresholds
 from engine.device import pick_device
 from engine.distributed import cleanup_distributed, init_distributed
 from engine.evaluate import TestData, evaluate
@@ -29,7 +30,7 @@ from engine.run_folder import (
 )
 from engine.train import Trainer, checkpoint_bytes, make_model, seed_everything, test_dataset
 from models.checkpoint import load_checkpoint
-from parse_args import FlagError, build_parser, check_args
+from parse_args import ONE_SHOT, FlagError, build_parser, check_args, flags_with
 
 
 def default_settings() -> dict:
@@ -41,7 +42,7 @@ def restore_run(args: Namespace, explicit: dict, command: str):
 
     restored = restore(args.ckpt_path, explicit, command, default_settings())
     config = dict(restored.config)
-    for key in ("config", "test", "resume", "ckpt_path", "quiet", "demo"):
+    for key in flags_with(ONE_SHOT) + ("quiet",):  # this command's own
         config[key] = getattr(args, key)
     if command == "test" or restored.run_dir is None:  # a new folder: where this command says
         config["exp_path"], config["run_name"] = args.exp_path, args.run_name
@@ -132,7 +133,6 @@ def trim_losses(run_dir: Path, iteration: int) -> None:
 
 def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     """Train (or, with --resume, continue a run in its folder)."""
-
     restored = None
     if args.resume:
         restored, args = restore_run(args, explicit, "resume")
@@ -141,6 +141,8 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
             if dist_ctx.is_main:  # before anything in the folder changes; held until the process ends
                 lock_run(restored.run_dir)
         check_resume_point(restored, args)
+    if args.method == "gaze_sup" and not args.thresholds:  # the run records the thresholds it uses, not null
+        args.thresholds = level_thresholds(args.data, args.num_levels)
     if not args.root:
         raise FlagError("--root is required to train: the prepared dataset folder (images/, gaze/ or masks/, "
                         "train.txt, test.txt; see python -m prepare)", "root")

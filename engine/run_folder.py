@@ -16,7 +16,7 @@ from common.dataspec import DataSpec, load_spec, spec_record
 from common.errors import UserError
 from common.files import write_json, write_text_atomic  # noqa: F401  (write_json re-exported for the engine)
 from common.identity import SPEC_FILE, read_recorded_spec  # noqa: F401  (re-exported for the engine)
-from parse_args import ONE_SHOT
+from parse_args import COMMANDS
 
 LOG_SLACK_BYTES = 64 * 1024 ** 2  # logs, losses.csv, TensorBoard events, predictions of a small split
 
@@ -54,7 +54,7 @@ def data_name(args) -> str:
 def recorded_settings(args) -> dict:
     """What config.yaml (and a checkpoint's "args") records: every setting, no one-shot command key; the
     dataset as given at training (a spec file by its absolute path)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ONE_SHOT}
+    settings = {k: v for k, v in vars(args).items() if k not in COMMANDS}
     data = settings.get("data")
     if isinstance(data, DataSpec):  # a later command runs on the spec the run recorded
         settings["data"] = data.source

@@ -1,11 +1,11 @@
 """Presets: the paper's runs, ablations and baselines as YAML files under configs/presets/ (keys = run.py flag
-names, `run_name` = the file's name). `python -m experiments.presets` prints the README's table of them."""
+names, `run_name` = the file's name), each a delta on the paper's recipe through `base:` (common/recipes.py).
+`python -m experiments.presets` prints the table of them in docs/reference/presets.md."""
 import fnmatch
 from pathlib import Path
 
-import yaml
-
 from common.errors import UserError
+from common.recipes import RecipeError, read_recipe
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
 
@@ -43,13 +43,12 @@ def resolve_presets(items: list[str]) -> list[Path]:
 
 
 def read_preset(path: Path) -> dict:
-    """The preset's flag values; `run_name` is required: it identifies the preset's runs in EXP."""
+    """The preset's flag values (its `base:` chain resolved); `run_name` is required: it identifies the preset's
+    runs in EXP."""
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise PresetError(f"{path}: cannot read the preset: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise PresetError(f"{path}: expected a mapping of run.py flags to values, got {type(values).__name__}")
+        values = read_recipe(path, "preset")
+    except RecipeError as e:
+        raise PresetError(str(e)) from None
     name = values.get("run_name")
     if not isinstance(name, str) or not name or "/" in name:
         raise PresetError(f"{path}: run_name is {name!r}; expected a folder-safe name (it identifies the runs)")

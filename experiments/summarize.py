@@ -394,13 +394,17 @@ def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[li
     return rows, runs
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
                 "summary.md, runs.csv and curves.png (mean ± sample std over seeds; unfinished runs listed apart).")
     p.add_argument("exp_path", help="the --exp_path of the runs (searched recursively for run folders)")
     p.add_argument("--out", default=None, help="where the summary files go (default: EXP_PATH)")
     p.add_argument("--no_plot", action="store_true", help="skip curves.png")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     rows, runs = summarize(Path(args.exp_path), args.out and Path(args.out), not args.no_plot)
     exp = Path(args.exp_path)
     print(markdown_table(rows))

@@ -28,9 +28,10 @@ from common.files import write_text_atomic
 from common.identity import identity_differences
 from experiments.presets import read_preset, resolve_presets
 from experiments.summarize import Run, read_run
+from parse_args import SWEEP_OWNED, flags_with
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
-OWNED_FLAGS = {"--config", "--seed", "--exp_path", "--run_name", "--resume", "--ckpt_path", "--test", "--data"}
+OWNED_FLAGS = {f"--{name}" for name in flags_with(SWEEP_OWNED)}  # they identify a run
 
 
 @dataclass
@@ -385,13 +386,7 @@ def report(outcomes: list[Outcome], jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Returns 0 when every run finished, 1 when one failed, 130 when interrupted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="run.py sweep", description="Run presets x seeds: finished runs are skipped, interrupted "
                 "ones resumed in their folder. Flags after `--` are passed to every new run.")
     p.add_argument("--presets", nargs="+", required=True,
@@ -403,7 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one run at a time on each "
                    "(CUDA_VISIBLE_DEVICES); default: one run at a time on what the child sees")
     p.add_argument("--dry_run", action="store_true", help="print what would be skipped, resumed or started")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns 0 when every run finished, 1 when one failed, 130 when interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
     exp = Path(args.exp_path)
     jobs = make_jobs(resolve_presets(args.presets), _seeds(args.seeds), _roots(args.root))
     missing = sorted({j.data for j in jobs if j.root is None})

@@ -40,7 +40,8 @@ def test_every_package_is_declared():
 def test_no_import_goes_up_a_layer():
     wrong = []
     for package, allowed in ALLOWED.items():
-        files = [REPO / f"{package}.py"] if (REPO / f"{package}.py").is_file() else sorted(REPO.glob(f"{package}/**/*.py"))
+        module = REPO / f"{package}.py"
+        files = [module] if module.is_file() else sorted(REPO.glob(f"{package}/**/*.py"))
         for path in files:
             for name in project_imports(path) - allowed - {package}:
                 wrong.append(f"{path.relative_to(REPO)} imports {name}")
