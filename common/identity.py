@@ -38,6 +38,13 @@ def run_identity(settings: dict, spec: dict | None, defaults: dict, neutral) -> 
         except UserError:
             spec = {"name": identity.get("data")}
     identity["data"] = spec
+    if identity.get("method") == "gaze_sup" and not identity.get("thresholds"):  # as the run records them
+        table = spec.get("thresholds") or {}
+        levels = identity.get("num_levels")
+        found = table.get(levels, table.get(str(levels)))
+        identity["thresholds"] = [float(t) for t in found] if found else None
+    elif identity.get("method") == "full_sup":
+        identity["thresholds"] = None  # not used without gaze
     if isinstance(identity.get("features"), tuple):
         identity["features"] = list(identity["features"])
     return identity
