@@ -299,3 +299,31 @@ def test_a_second_sigterm_ends_with_one_line_and_status_130(data_root, tmp_path,
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) <= 1, err
     assert out.count("SIGTERM") + err.count("SIGTERM") == 1, (out, err)
+
+
+def test_the_documented_identity_is_the_code():
+    """docs/reference/run-folder.md lists the flags left out of a run's identity: exactly parse_args's."""
+    import re
+
+    import parse_args
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "run-folder.md").read_text()
+    section = text.split("## A run's identity")[1].split("Thresholds count")[0]
+    documented = set(re.findall(r"`--(\w+)`", section))
+    assert documented == set(parse_args.RESULT_NEUTRAL) - set(parse_args.COMMANDS) - {"seed"}
+
+
+def test_disk_messages_say_what_is_true(data_root, tmp_path, monkeypatch, capsys):
+    """Too little space for the logs alone does not suggest --save_step; a first checkpoint that cannot be
+    written does not speak of a previous one."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 1024 ** 2))
+    line = refused(capsys, tiny_argv(data_root, tmp_path / "exp", *FLAGS), "only 10 MiB free")
+    assert "--save_step" not in line and not (tmp_path / "exp").exists()
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    line = refused(capsys, tiny_argv(data_root, tmp_path / "exp2", *FLAGS), "No space left on device")
+    assert "no earlier model_latest.pth was written" in line and "intact" not in line
