@@ -222,6 +222,12 @@ class _LogFile(logging.FileHandler):
         if not self.failed:
             super().emit(record)
 
+    def close(self):
+        try:  # the last flush on a full disk: already warned about
+            super().close()
+        except OSError:
+            pass
+
     def handleError(self, record):
         if not self.failed:
             self.failed = True

@@ -16,7 +16,7 @@ import yaml
 
 import run
 from common import dataspec
-from tests.helpers import only_run_dir, tiny_argv, tiny_dataset
+from tests.helpers import REPO, only_run_dir, tiny_argv, tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = ["--max_ite", "4", "--val_step", "2", "--log_step", "2", "--save_step", "1000", "--quiet"]
@@ -281,7 +281,7 @@ def test_a_second_sigterm_ends_with_one_line_and_status_130(data_root, tmp_path,
     exp = tmp_path / "exp"
     cmd = [sys.executable, "run.py", *tiny_argv(data_root, exp, "--max_ite", "100000", "--val_step", "100000",
                                                 "--log_step", "1", "--save_step", "100000", "--quiet")]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
@@ -306,7 +306,7 @@ def test_the_documented_identity_is_the_code():
     import re
 
     import parse_args
-    text = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "run-folder.md").read_text()
+    text = (REPO / "docs" / "reference" / "run-folder.md").read_text()
     section = text.split("## A run's identity")[1].split("Thresholds count")[0]
     documented = set(re.findall(r"`--(\w+)`", section))
     assert documented == set(parse_args.RESULT_NEUTRAL) - set(parse_args.COMMANDS) - {"seed"}
