@@ -191,6 +191,8 @@ def resolve_config(args, ckpt_path) -> Restored:
 def load_model(ckpt_path, args, device: torch.device):
     """(model in eval mode on `device`, resolved settings). Errors name the checkpoint."""
     restored = resolve_config(args, ckpt_path)
+    for note in restored.notes:  # e.g. the spec file changed since the run: the recorded spec is used
+        print(f"note: {note}")
     return restored_model(restored).to(device).eval(), restored.config
 
 

@@ -105,6 +105,8 @@ def test_the_recorded_spec_is_used_after_the_file_changes(trained, data_root, tm
     out = tmp_path / "eval"
     assert run.cli(["--test", "--ckpt_path", str(run_dir), "--exp_path", str(out), "--quiet"]) == 0
     first = json.loads(next(out.rglob("metrics.json")).read_text())["test"]
+    images = data_root / "images"
+    assert run.cli(["predict", "--ckpt_path", str(run_dir), "--input", str(images), "--out", str(tmp_path / "p1")]) == 0
     spec = trained[1]
     original = spec.read_text()
     try:
@@ -115,6 +117,10 @@ def test_the_recorded_spec_is_used_after_the_file_changes(trained, data_root, tm
         assert run.cli(["--test", "--ckpt_path", str(run_dir), "--exp_path", str(out2)]) == 0
         assert json.loads(next(out2.rglob("metrics.json")).read_text())["test"] == first
         assert "changed since the run recorded it (normalization); using the recorded spec" in capsys.readouterr().out
+        assert run.cli(["predict", "--ckpt_path", str(run_dir), "--input", str(images), "--out",
+                        str(tmp_path / "p2")]) == 0
+        assert "note: the dataset spec" in capsys.readouterr().out
+        assert digests(tmp_path / "p1") == digests(tmp_path / "p2")
         before = digests(run_dir)
         refused(capsys, ["--resume", "--ckpt_path", run_dir, "--max_ite", "6"], "changed since the run recorded it",
                 "normalization")
