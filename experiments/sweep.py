@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError
+from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, UserErrors
 from common.files import write_text_atomic
+from common.identity import identity_differences
 from experiments.presets import read_preset, resolve_presets
 from experiments.summarize import Run, read_run
 from parse_args import SWEEP_OWNED, flags_with
@@ -44,6 +45,7 @@ class Job:
     data: str        # the run folder's <data> component (the dataset spec's name)
     seed: int
     root: str | None
+    identity: dict | None = None  # common.identity.run_identity of the run this job would start
 
     @property
     def label(self) -> str:
@@ -103,17 +105,102 @@ def make_jobs(presets: list[Path], seeds: list[int], roots: dict[str | None, str
     return jobs
 
 
-def existing_runs(exp: Path, job: Job) -> list[Run]:
-    """The job's run folders in EXP (same data, run_name and seed; --test folders excluded), oldest first."""
+def child_settings(exp: Path, job: Job, extra: list[str]):
+    """The settings the job's run would record, parsed exactly as run.py parses its command line (a preset key
+    or flag after `--` that run.py refuses is a FlagError here, before anything starts)."""
+    from parse_args import parse_with_explicit
+    argv = command(exp, job, "start", None, extra)[2:]
+    return parse_with_explicit(argv)[0]
+
+
+def root_problem(root: str | None, settings) -> str:
+    """Why ROOT is not the prepared layout this run needs ('' when it is)."""
+    if root is None:
+        return "no --root"
+    path = Path(root)
+    if not path.is_dir():
+        return f"--root {root} is not a folder"
+    need = ["images", f"{settings.train_split}.txt", f"{settings.test_split}.txt"]
+    need.append(f"gaze/{settings.gaze_dir}" if settings.method == "gaze_sup" else "masks")
+    missing = [n for n in need if not (path / n).exists()]
+    return f"--root {root} lacks {', '.join(missing)} (prepare it first: python -m datasets.prepare)" if missing else ""
+
+
+def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None:
+    """Every run's preset, flags and root checked before the first child starts: one line per problem.
+    Sets each job's identity."""
+    from common.dataspec import load_spec, spec_record
+    from common.identity import run_identity
+    from experiments.summarize import default_settings
+    from parse_args import RESULT_NEUTRAL
+
+    problems: list[str] = []
+    datasets = {j.data for j in jobs}
+    problems += [f"--root {name}={roots[name]}: no preset of this sweep is on dataset {name!r} (they are on "
+                 f"{', '.join(sorted(datasets))})" for name in roots if name is not None and name not in datasets]
+    checked: dict[tuple, str] = {}
+    refused: set = set()
+    for job in jobs:
+        try:
+            settings = child_settings(exp, job, extra)
+        except UserError as e:
+            if job.preset not in refused:  # once per preset, not once per seed
+                refused.add(job.preset)
+                problems.append(f"{job.data}/{job.run_name} ({job.preset}): {e}")
+            continue
+        job.identity = run_identity(vars(settings), spec_record(load_spec(settings.data)), default_settings(),
+                                    RESULT_NEUTRAL)
+        key = (settings.root, settings.method, settings.gaze_dir, settings.train_split, settings.test_split)
+        if key not in checked:
+            checked[key] = root_problem(settings.root, settings)
+            if checked[key]:
+                problems.append(f"{job.data}/{job.run_name}: {checked[key]}")
+    if problems:
+        raise UserErrors(problems)
+
+
+def check_gpus(gpus: list[str]) -> None:
+    """Every --gpus index names a GPU this machine shows (else every child would train on the CPU at once)."""
+    bad = [g for g in gpus if not g.isdigit()]
+    if bad:
+        raise UserError(f"--gpus {','.join(gpus)}: {bad[0]!r} is not a GPU index; expected e.g. 0,1")
+    import torch
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    allowed = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else \
+        [str(i) for i in range(count)]
+    if count == 0:
+        allowed = []
+    missing = [g for g in gpus if g not in allowed]
+    if missing:
+        shown = ", ".join(allowed) if allowed else "none"
+        raise UserError(f"--gpus {','.join(gpus)}: GPU {', '.join(missing)} is not visible (visible: {shown}); "
+                        "leave --gpus out to run one run at a time on the CPU")
+
+
+def existing_runs(exp: Path, job: Job, same_settings: bool = True) -> list[Run]:
+    """The job's run folders in EXP (same data, run_name and seed, and the same settings unless
+    `same_settings` is False; --test folders excluded), oldest first."""
     base = exp / str(job.seed) / job.data
     if not base.is_dir():
         return []
     runs = [read_run(p) for p in sorted(base.iterdir()) if (p / "config.yaml").is_file()]
-    return [r for r in runs if r.run_name == job.run_name and r.seed == job.seed and r.status != "evaluation"]
+    return [r for r in runs if r.run_name == job.run_name and r.seed == job.seed and r.status != "evaluation"
+            and (not same_settings or job.identity is None or r.identity == job.identity)]
+
+
+def other_settings(exp: Path, job: Job) -> list[str]:
+    """One line per run folder of the job's name and seed whose settings differ (it is another experiment)."""
+    if job.identity is None:
+        return []
+    return [f"{job.label}: {run.path} has the same name but other settings ("
+            + "; ".join(identity_differences(run.identity, job.identity)[:6]) + "): not this run"
+            for run in existing_runs(exp, job, same_settings=False) if run.identity != job.identity]
 
 
 def plan(exp: Path, job: Job) -> tuple[str, Path | None]:
-    """skip (a finished run exists), resume (the newest unfinished run with model_latest.pth) or start."""
+    """skip (a finished run of the same settings exists), resume (the newest unfinished one with
+    model_latest.pth) or start. A run of the same name and seed with other settings is another experiment."""
     runs = existing_runs(exp, job)
     for run in runs:
         if run.status == "finished":
@@ -164,6 +251,8 @@ class Sweep:
         return path
 
     def run_job(self, job: Job, gpu: str | None) -> Outcome:
+        for line in other_settings(self.exp, job):
+            self.say(line)
         action, run_dir = plan(self.exp, job)
         if action == "skip":
             self.say(f"{job.label}: finished in {run_dir}, skipped")
@@ -359,8 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     if slurm_only:
         raise UserError(f"--{slurm_only[0]} is for --launcher slurm (this sweep runs locally)")
     gpus = [g for g in args.gpus.replace(" ", "").split(",") if g] if args.gpus else None
+    if gpus:
+        check_gpus(gpus)
+    preflight(exp, jobs, _roots(args.root), extra)
     if args.dry_run:
         for job in jobs:
+            for line in other_settings(exp, job):
+                print(line)
             action, run_dir = plan(exp, job)
             shown = run_dir if action == "skip" else " ".join(command(exp, job, action, run_dir, extra, bool(gpus)))
             print(f"{job.label}: {action} {shown}")

@@ -90,7 +90,13 @@ def test_stop_flag_first_signal_asks_second_forces():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    # stopping: later signals are ignored, so that the process ends with its one line and status 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with StopFlag():
+        pass
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # no signal: the handlers are restored
 
 
 @pytest.mark.slow
