@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common.dataspec import DataSpec, load_spec
-from datasets.io import DataError, image_size, read_gray, read_ids, read_image, read_labels
+from datasets.io import DataError, image_size, other_extension, read_gray, read_ids, read_image, read_labels
 
 IGNORE = 255  # an unlabelled target pixel (sparse labels, the gaze uncertain band); losses.IGNORE
 METHODS = ("gaze_sup", "sparse_sup", "full_sup")
@@ -158,14 +158,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         for i in range(len(self.ids)):
             image = self.image_path(i)
             if not image.is_file():
-                raise DataError(f"image not found: {image}")
+                raise DataError(f"image not found: {image}{other_extension(image)}")
             other = self.target_path(i)
             if not other.is_file():
                 kind = "gaze map" if self.uses_gaze() else "sparse label map" if self.uses_labels() else "mask"
                 hint = " (make gaze maps with: python -m gaze --csv FIXATIONS.csv --root ROOT --data DATA)" \
                     if self.uses_gaze() else " (simulate them with: python -m prepare sparse --root ROOT --kind " \
                     "points|scribbles)" if self.uses_labels() else ""
-                raise DataError(f"{kind} not found: {other}{hint}")
+                raise DataError(f"{kind} not found: {other}{other_extension(other)}{hint}")
             if image_size(image) != image_size(other):
                 raise DataError(f"size mismatch: {image} is {image_size(image)} but {other} is {image_size(other)}")
 
