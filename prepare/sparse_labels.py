@@ -12,7 +12,8 @@ Protocols (both seeded per image from (seed, id), so a map does not depend on wh
   supervision" (ECCV 2016): an annotator clicks on each object. Their annotators click once per class
   (or once per instance), and background gets no click (an objectness prior stands in for it). Here
   background is a class that gets points too (a partial loss needs labelled background), each connected
-  foreground component gets K foreground points and the background K points per component; each point is a disk of radius r (a click has a size on screen).
+  foreground component gets K foreground points and the background K points per component; each point
+  is a disk of radius r (a click has a size on screen).
   Differences: foreground points are drawn uniformly among the component's pixels at least `margin` px
   from its edge (the deepest pixels when the component is thinner), so they sit inside the object
   rather than on its outline, as a click does; background points are drawn outside the mask dilated by
