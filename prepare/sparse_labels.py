@@ -20,8 +20,9 @@ Protocols (both seeded per image from (seed, id), so a map does not depend on wh
   `gap` px (an annotator clicks clearly outside the object). A disk is clipped to its region, so no
   label ever contradicts the mask.
 * scribbles - the scribble generator of WSL4MIS (Luo et al., MICCAI 2022 "Scribble-supervised medical
-  image segmentation via dual-branch network and dynamically mixed pseudo labels supervision"; the
-  generator used for ACDC/WORD scribbles in WSL4MIS, code/scribbles_generator.py): per class, erode the
+  image segmentation via dual-branch network and dynamically mixed pseudo labels supervision";
+  code/scribbles_generator.py, which WSL4MIS ships for WORD and other datasets; its ACDC scribbles are the
+  hand-drawn ones of Valvano et al., TMI 2021): per class, erode the
   region by a random number of iterations (8-connected, in [4, 10], WSL4MIS's default range; only when
   the region has more than 900 px, as there), skeletonize it (Lee's method), and for the foreground
   keep one branch of the skeleton (a walk from an end point that picks a random unvisited neighbour
