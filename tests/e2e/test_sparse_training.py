@@ -70,6 +70,7 @@ def test_gaze_band_trains_with_unlabelled_pixels(data_root, tmp_path):
     assert run.cli(["--test", "--ckpt_path", str(run_dir), "--quiet"]) == 0  # the recorded band passes the checks
 
 
+@pytest.mark.slow
 def test_a_training_image_without_labels_is_an_error_naming_it(data_root, tmp_path, capsys):
     bad = data_root / "labels" / "empty"
     bad.mkdir(parents=True, exist_ok=True)
