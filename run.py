@@ -184,9 +184,12 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
 def main(argv=None) -> int:
     """Run one command; user errors are raised as `UserError` (see `cli` for the exit status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["predict"]:
-        from engine.predict import main as predict_main
-        return predict_main(argv[1:])
+    if argv[:1] == ["predict"]:  # --model: the exported model on onnxruntime; --ckpt_path: torch
+        from release.onnx_predict import dispatch
+        return dispatch(argv[1:])
+    if argv[:1] == ["export"]:
+        from release.export import main as export_main
+        return export_main(argv[1:])
     if argv[:1] == ["sweep"]:
         from engine.sweep import main as sweep_main
         return sweep_main(argv[1:])
