@@ -31,6 +31,7 @@ from engine.predict_io import check_out_folder, check_threshold
 from engine.restore import restored_model
 from models.checkpoint import save_checkpoint
 from parse_args import _int_list
+from parse_args import build_parser as build_settings_parser
 from release.bundle import DIVISOR_NAME, INPUT_NAME, OUTPUT_NAME, build_card, card_markdown, ids_digest, needs_divisor
 
 OPSET = 18  # Resize-18 (linear, half_pixel = align_corners=False); onnxruntime runs opsets up to 23
@@ -172,14 +173,17 @@ def split_record(config: dict, recorded: bool) -> dict:
 
     if not recorded:
         return {"ids": None, "reason": "a paper-format checkpoint does not record its training split"}
+    if not config.get("root"):
+        return {"ids": None, "reason": "the checkpoint records no dataset root"}
+    settings = {**vars(build_settings_parser().parse_args([])), **config}  # keys an older record lacks
     try:
-        train, val = split_ids(Namespace(**config))
-    except (UserError, OSError, KeyError, TypeError) as e:
+        train, val = split_ids(Namespace(**settings))
+    except (UserError, OSError) as e:
         return {"ids": None, "reason": f"the run's split file could not be read at export ({e})"}
-    record = {"file": str(Path(config["root"]) / f"{config['train_split']}.txt"), "ids": len(train),
-              "ids_sha256": ids_digest(train), "data_size_rate": config.get("data_size_rate")}
+    record = {"file": str(Path(settings["root"]) / f"{settings['train_split']}.txt"), "ids": len(train),
+              "ids_sha256": ids_digest(train), "data_size_rate": settings["data_size_rate"]}
     if val:
-        record.update(val_ids=len(val), val_ids_sha256=ids_digest(val), val_fraction=config.get("val_fraction"))
+        record.update(val_ids=len(val), val_ids_sha256=ids_digest(val), val_fraction=settings["val_fraction"])
     return record
 
 
