@@ -254,9 +254,14 @@ def export_bundle(args: Namespace) -> tuple[Path, dict]:
         except UserError:
             unknown.append("the levels' pseudo-mask thresholds")
     metrics = read_metrics(restored.run_dir) if restored.recorded else None
+    split = split_record(config, restored.recorded)
+    if restored.recorded and metrics is None:
+        unknown.append("test metrics: no metrics.json beside the checkpoint")
+    if restored.recorded and split["ids"] is None:
+        unknown.append(f"training split: {split['reason']}")
     card = build_card(config=config, spec=spec, thresholds=thresholds,
                       checkpoint=checkpoint_record(restored.path, restored.ckpt, config, metrics, restored.recorded),
-                      metrics=metrics, split=split_record(config, restored.recorded), threshold=args.threshold,
+                      metrics=metrics, split=split, threshold=args.threshold,
                       commit=code_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                           timespec="seconds"), opset=args.opset, unknown=unknown)
     tmp = out.with_name(f".{out.name}.export-tmp")
