@@ -232,8 +232,8 @@ def export_bundle(args: Namespace) -> tuple[Path, dict]:
     out = Path(args.out)
     check_threshold(args.threshold)
     check_bundle_out(out)
-    if not 7 <= args.opset <= 23:
-        raise ExportError(f"--opset is {args.opset}; expected 7 to 23 (onnxruntime's range; default {OPSET})")
+    if not 13 <= args.opset <= 23:
+        raise ExportError(f"--opset is {args.opset}; expected 13 to 23 (default {OPSET})")
     args.device = None
     restored = resolve_config(args, args.ckpt_path)
     config = plain(restored.config)

@@ -5,7 +5,8 @@ torch model loads).
 Each engine runs its whole predict pipeline for one image, from the array `read_image` returns to the
 probability map at the image's size: torch = engine.predict's prepare (numpy normalisation, resize) +
 probability (network, resize back, sigmoid); onnxruntime = release.onnx_predict.OnnxModel.probability (the
-same steps inside the graph). Latency: the median (and minimum) of --repeats runs after --warmup runs.
+same steps inside the graph). Latency: the median (and minimum) of --repeats runs after --warmup runs, the two
+engines alternating run by run.
 Peak memory: the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above
 the resident set before one prediction, with the model loaded; measured on a new onnxruntime session (whose
 memory arena grows during its first run and is then kept) and before torch's timed runs.
@@ -48,14 +49,16 @@ def peak_rise_mib(fn) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def timed(fn, warmup: int, repeats: int) -> dict:
-    times = []
+def timed(fns: dict, warmup: int, repeats: int) -> dict:
+    """{name: {median_ms, min_ms}}; the engines alternate run by run, so a load change on a shared CPU hits both."""
+    times = {name: [] for name in fns}
     for k in range(warmup + repeats):
-        start = time.perf_counter()
-        fn()
-        if k >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if k >= warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t)} for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -124,10 +127,9 @@ def main(argv=None) -> dict:
                   "onnxruntime": peak_rise_mib(partial(cold.probability, image))}
         cold = None
         diff = float(np.abs(torch_run() - onnx_run()).max())
-        rows = {}
-        for engine, fn in (("torch eager", torch_run), ("onnxruntime", onnx_run)):
-            rows[engine] = {**timed(fn, args.warmup, args.repeats), "peak_rise_mib": memory[engine]}
-            r = rows[engine]
+        rows = timed({"torch eager": torch_run, "onnxruntime": onnx_run}, args.warmup, args.repeats)
+        for engine, r in rows.items():
+            r["peak_rise_mib"] = memory[engine]
             print(f"{name:<28} {engine:<12} {r['median_ms']:>10.1f} {r['min_ms']:>9.1f} {r['peak_rise_mib']:>10.1f}")
         ratio = rows["onnxruntime"]["median_ms"] / rows["torch eager"]["median_ms"]
         mem = rows["onnxruntime"]["peak_rise_mib"] / max(rows["torch eager"]["peak_rise_mib"], 1e-9)
