@@ -335,6 +335,7 @@ def kvasir_layout(kvasir: Path, root: Path, ids: list[str], gray16_spec: bool = 
     if gray16_spec:
         (root / "gray16.yaml").write_text("name: gray16\nimage_ext: .png\nmask_ext: .jpg\ngaze_ext: .jpg\n"
                                           "in_channels: 1\nnormalization: per_image_zscore\n"
+                                          "crf: {sxy: 80, srgb: 13, compat: 1, n_iter: 10}\n"
                                           "thresholds: {2: [0.5, 0.3]}\n")
     return root
 
