@@ -14,8 +14,8 @@ DEMO_FLAGS = {"method": "gaze_sup", "data": "kvasir", "in_channels": 3, "spatial
 def prepare_demo(args) -> None:
     """Generate the data under EXP/demo_data (once), make its gaze maps, and set the demo's flags on `args`
     (flags the user gave explicitly for the model size or schedule are overridden: the demo is a fixed recipe)."""
-    from datasets.synthetic import make_synthetic_dataset
     from gaze.pipeline import make_gaze_maps
+    from prepare.synthetic import make_synthetic_dataset
 
     root = Path(args.exp_path) / "demo_data"
     if not (root / "test.txt").is_file():

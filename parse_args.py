@@ -7,12 +7,10 @@ flag or the file and key, the value and what was expected, raised before anythin
 """
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from common.errors import UserError
+from common.recipes import RecipeError, read_recipe
 
 METHOD_ALIASES = {"gaze": "gaze_sup", "gaze_sup": "gaze_sup", "full": "full_sup", "full_sup": "full_sup"}
 USAGE = """
@@ -65,87 +63,146 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# ---------------------------------------------------------------- roles
+# Each flag is declared once, below, with its roles; every other table of flags is derived from them
+# (engine/restore.py's precedence rule, predict's model flags, the sweep's owned flags, a run's identity).
+SHAPE = "shape"                # the network's shape: read from a run's record (or a paper checkpoint's weights)
+EVALUATION = "evaluation"      # changes what --test / predict compute: they refuse a change to the record
+TEST_SAFE = "test_safe"        # --test may override the recorded value (logged)
+PREDICT_SAFE = "predict_safe"  # predict may override the recorded value
+RESUME_SAFE = "resume_safe"    # --resume may change it without breaking exact continuation (logged)
+ONE_SHOT = "one_shot"          # what this command does, not a setting of the run (resume, test, ...)
+UNCOMPARED = "uncompared"      # never compared with a run's record: where output goes, aliases, display
+SWEEP_OWNED = "sweep_owned"    # set by `run.py sweep` for each run (they identify it); refused after `--`
+LOGISTICS = "logistics"        # where and how a run executes, not what it computes: not part of its identity
+ROLE_DESCRIPTIONS = {
+    SHAPE: "model shape (restored from the run; a paper checkpoint's weights give it)",
+    EVALUATION: "changes what --test and predict compute (they refuse a change)",
+    TEST_SAFE: "--test may override it", PREDICT_SAFE: "predict may override it",
+    RESUME_SAFE: "--resume may change it", ONE_SHOT: "a command, not a setting",
+    UNCOMPARED: "not compared with a run's record", SWEEP_OWNED: "set by sweep for each run",
+    LOGISTICS: "does not change results (not part of a run's identity)",
+}
+
+
+def _flag(group, *names, roles: tuple = (), **kwargs) -> argparse.Action:
+    """add_argument, recording the flag's roles on its action."""
+    action = group.add_argument(*names, **kwargs)
+    action.roles = frozenset(roles)
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="run.py", usage=USAGE,
-        description="GazeSup: train and evaluate gaze-supervised segmentation (Zhong et al., MICCAI 2024).",
+        description="GazeSup: train and evaluate gaze-supervised segmentation (Zhong et al., MICCAI 2024). "
+                    "Prepare a dataset with `python -m prepare`, make its gaze maps with `python -m gaze`.",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--config", default=None, help="YAML file whose keys are flag names; explicit flags override it")
-    g.add_argument("-m", "--method", default="gaze_sup", choices=sorted(METHOD_ALIASES),
-                   help="gaze_sup: train on gaze pseudo-masks; full_sup: train on ground-truth masks "
-                        "(gaze, full: aliases)")
-    g.add_argument("--data", default="kvasir", help="dataset: a built-in spec (kvasir, prostate) or a spec YAML file")
-    g.add_argument("--root", default=None, help="prepared dataset folder (images/, masks/, gaze/, train.txt, test.txt)")
-    g.add_argument("--exp_path", default="exp", help="runs go to EXP/<seed>/<data>/<run_id>_<timestamp>/")
-    g.add_argument("--ckpt_path", default=None, help="a run folder or a .pth: --test and predict use its "
-                   "model_best.pth, --resume its model_latest.pth")
-    g.add_argument("--resume", action="store_true", help="continue the run of --ckpt_path in its folder; its "
-                   "config.yaml gives every setting (only --max_ite may be raised, plus --root/--device/--num_worker)")
-    g.add_argument("--test", action="store_true", help="evaluate --ckpt_path on its run's test split with its run's "
-                   "settings (override only --root, --device, --num_worker, --save_pred, --amp, --test_split)")
-    g.add_argument("--save_pred", action="store_true",
-                   help="write test predictions (PNG) of the ensemble and each level")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--device", default="0", help="CUDA device index; CPU is used when no GPU is visible")
-    g.add_argument("--num_worker", type=int, default=min(4, _cpu_count()),
-                   help="data loading workers (default: 4, at most the CPUs available)")
-    g.add_argument("--demo", action="store_true", help="generate a small synthetic dataset with simulated gaze and "
-                   "train a narrow model on it (CPU, a few minutes)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--run_name", default=None, help="run folder name prefix (default: method and levels)")
+    _flag(g, "--config", default=None, roles=(ONE_SHOT, SWEEP_OWNED),
+          help="YAML file whose keys are flag names; explicit flags override it")
+    _flag(g, "-m", "--method", default="gaze_sup", choices=sorted(METHOD_ALIASES), roles=(SHAPE, EVALUATION),
+          help="gaze_sup: train on gaze pseudo-masks; full_sup: train on ground-truth masks (gaze, full: aliases)")
+    _flag(g, "--data", default="kvasir", roles=(EVALUATION, SWEEP_OWNED),
+          help="dataset: a built-in spec (kvasir, prostate) or a spec YAML file")
+    _flag(g, "--root", default=None, roles=(TEST_SAFE, RESUME_SAFE, LOGISTICS),
+          help="prepared dataset folder (images/, masks/, gaze/, train.txt, test.txt)")
+    _flag(g, "--exp_path", default="exp", roles=(UNCOMPARED, SWEEP_OWNED, LOGISTICS),
+          help="runs go to EXP/<seed>/<data>/<run_id>_<timestamp>/")
+    _flag(g, "--ckpt_path", default=None, roles=(ONE_SHOT, SWEEP_OWNED),
+          help="a run folder or a .pth: --test and predict use its model_best.pth, --resume its model_latest.pth")
+    _flag(g, "--resume", action="store_true", roles=(ONE_SHOT, SWEEP_OWNED),
+          help="continue the run of --ckpt_path in its folder; its config.yaml gives every setting (only "
+               "{resume_safe} may change)")
+    _flag(g, "--test", action="store_true", roles=(ONE_SHOT, SWEEP_OWNED),
+          help="evaluate --ckpt_path on its run's test split with its run's settings (only {test_safe} may change)")
+    _flag(g, "--save_pred", action="store_true", roles=(TEST_SAFE, RESUME_SAFE, LOGISTICS),
+          help="write test predictions (PNG) of the ensemble and each level")
+    _flag(g, "--seed", type=int, default=0, roles=(SWEEP_OWNED,), help="random seed")
+    _flag(g, "--device", default="0", roles=(TEST_SAFE, PREDICT_SAFE, RESUME_SAFE, LOGISTICS),
+          help="CUDA device index; CPU is used when no GPU is visible")
+    _flag(g, "--num_worker", type=int, default=min(4, _cpu_count()), roles=(TEST_SAFE, RESUME_SAFE, LOGISTICS),
+          help="data loading workers (default: 4, at most the CPUs available)")
+    _flag(g, "--demo", action="store_true", roles=(ONE_SHOT,),
+          help="generate a small synthetic dataset with simulated gaze and train a narrow model on it (CPU, a few "
+               "minutes)")
+    _flag(g, "--quiet", action="store_true", roles=(UNCOMPARED, LOGISTICS), help="no progress bar")
+    _flag(g, "--run_name", default=None, roles=(UNCOMPARED, SWEEP_OWNED, LOGISTICS),
+          help="run folder name prefix (default: method and levels)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--spatial_size", type=int, default=384, help="network input side; images are resized to it")
-    g.add_argument("--in_channels", type=int, default=3, help="image channels (kvasir 3, prostate 1)")
-    g.add_argument("--data_size_rate", type=float, default=1.0, help="use the first int(n*rate) training ids")
-    g.add_argument("--train_split", default="train", help="training split file (ROOT/<name>.txt)")
-    g.add_argument("--test_split", default="test", help="test split file (ROOT/<name>.txt)")
-    g.add_argument("--gaze_dir", default="crf_compat1",
-                   help="gaze-map folder under ROOT/gaze/ (heatmap for a dataset spec with crf: null)")
-    g.add_argument("--thresholds", type=_float_list, default=None,
-                   help="gaze-map threshold per level, e.g. 0.5,0.3 (default: the dataset spec's table)")
-    g.add_argument("--val_fraction", type=float, default=0.0,
-                   help="hold out this seeded fraction of the training ids (with their GT masks) to select "
-                        "model_best; 0 selects on the test split as the paper does")
-    g.add_argument("--preload", default="auto", choices=["auto", "yes", "no"],
-                   help="decode and resize the training set once and keep it as tensors (auto: if it fits)")
+    _flag(g, "--spatial_size", type=int, default=384, roles=(EVALUATION,),
+          help="network input side; images are resized to it")
+    _flag(g, "--in_channels", type=int, default=3, roles=(SHAPE, EVALUATION),
+          help="image channels (kvasir 3, prostate 1)")
+    _flag(g, "--data_size_rate", type=float, default=1.0, help="use the first int(n*rate) training ids")
+    _flag(g, "--train_split", default="train", help="training split file (ROOT/<name>.txt)")
+    _flag(g, "--test_split", default="test", roles=(TEST_SAFE, RESUME_SAFE), help="test split file (ROOT/<name>.txt)")
+    _flag(g, "--gaze_dir", default="crf_compat1",
+          help="gaze-map folder under ROOT/gaze/ (heatmap for a dataset spec with crf: null)")
+    _flag(g, "--thresholds", type=_float_list, default=None,
+          help="gaze-map threshold per level, e.g. 0.5,0.3 (default: the dataset spec's table)")
+    _flag(g, "--val_fraction", type=float, default=0.0,
+          help="hold out this seeded fraction of the training ids (with their GT masks) to select model_best; 0 "
+               "selects on the test split as the paper does")
+    _flag(g, "--preload", default="auto", choices=["auto", "yes", "no"], roles=(RESUME_SAFE, LOGISTICS),
+          help="decode and resize the training set once and keep it as tensors (auto: if it fits)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="unet", choices=["unet"],
-                   help="accepted so the paper's scripts run unchanged, and ignored (the model is the paper's "
-                        "MONAI BasicUNet)")
-    g.add_argument("--num_levels", type=int, default=2, help="number of gaze levels (networks)")
-    g.add_argument("--features", type=_int_list, default=[64, 128, 256, 512, 1024, 128],
-                   help="U-Net widths (6 values); narrow ones for CPU")
-    g.add_argument("--feat_dim", type=int, default=128, help="feature-map channels (U-Net output)")
-    g.add_argument("--propagation", default="torch", choices=["torch", "triton"],
-                   help="feature-propagation implementation (triton: CUDA only)")
+    _flag(g, "--model", default="unet", choices=["unet"], roles=(UNCOMPARED, LOGISTICS),
+          help="accepted so the paper's scripts run unchanged, and ignored (the model is the paper's MONAI "
+               "BasicUNet)")
+    _flag(g, "--num_levels", type=int, default=2, roles=(SHAPE, EVALUATION), help="number of gaze levels (networks)")
+    _flag(g, "--features", type=_int_list, default=[64, 128, 256, 512, 1024, 128], roles=(SHAPE, EVALUATION),
+          help="U-Net widths (6 values); narrow ones for CPU")
+    _flag(g, "--feat_dim", type=int, default=128, roles=(SHAPE, EVALUATION), help="feature-map channels (U-Net output)")
+    _flag(g, "--propagation", default="torch", choices=["torch", "triton"],
+          roles=(TEST_SAFE, PREDICT_SAFE, RESUME_SAFE, LOGISTICS),
+          help="feature-propagation implementation (triton: CUDA only)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--opt", default="adam", choices=["sgd", "adam"], help="sgd: momentum 0.99, Nesterov")
-    g.add_argument("--lr", type=float, default=4e-4, help="learning rate")
-    g.add_argument("--lr_min", type=float, default=1e-6, help="final learning rate of the cosine schedule")
-    g.add_argument("--lr_scheduler", default="none", choices=["none", "cos"], help="per-epoch learning-rate schedule")
-    g.add_argument("--weight_decay", type=float, default=4e-4, help="weight decay")
-    g.add_argument("--max_ite", type=int, default=15000, help="training iterations")
-    g.add_argument("--warmup_ite", type=int, default=0,
-                   help="warm-up length, compared with the epoch as in the paper's code")
-    g.add_argument("-bs", "--batch_size", type=int, default=8, help="batch size (per process)")
-    g.add_argument("--cons_weight", type=float, default=3.0, help="weight of the cross-level consistency loss")
-    g.add_argument("--cons_mode", default="prop", choices=["pure", "prop"],
-                   help="consistency on propagated or plain predictions")
-    g.add_argument("--fp16", action="store_true", help="float16 autocast with a gradient scaler (same as --amp fp16)")
-    g.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="autocast precision")
-    g.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-identical CPU reruns)")
+    _flag(g, "--opt", default="adam", choices=["sgd", "adam"], help="sgd: momentum 0.99, Nesterov")
+    _flag(g, "--lr", type=float, default=4e-4, help="learning rate")
+    _flag(g, "--lr_min", type=float, default=1e-6, help="final learning rate of the cosine schedule")
+    _flag(g, "--lr_scheduler", default="none", choices=["none", "cos"], help="per-epoch learning-rate schedule")
+    _flag(g, "--weight_decay", type=float, default=4e-4, help="weight decay")
+    _flag(g, "--max_ite", type=int, default=15000, roles=(RESUME_SAFE,), help="training iterations")
+    _flag(g, "--warmup_ite", type=int, default=0, help="warm-up length, compared with the epoch as in the paper's code")
+    _flag(g, "-bs", "--batch_size", type=int, default=8, help="batch size (per process)")
+    _flag(g, "--cons_weight", type=float, default=3.0, help="weight of the cross-level consistency loss")
+    _flag(g, "--cons_mode", default="prop", choices=["pure", "prop"],
+          help="consistency on propagated or plain predictions")
+    _flag(g, "--fp16", action="store_true", roles=(UNCOMPARED,),
+          help="float16 autocast with a gradient scaler (same as --amp fp16)")
+    _flag(g, "--amp", default="none", choices=["none", "fp16", "bf16"], roles=(TEST_SAFE, PREDICT_SAFE),
+          help="autocast precision")
+    _flag(g, "--channels_last", action="store_true", roles=(RESUME_SAFE, LOGISTICS),
+          help="channels_last memory format (faster convs on GPU)")
+    _flag(g, "--compile", action="store_true", roles=(RESUME_SAFE, LOGISTICS),
+          help="torch.compile the model (static shapes)")
+    _flag(g, "--deterministic", action="store_true", roles=(LOGISTICS,),
+          help="deterministic algorithms (bit-identical CPU reruns)")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--log_step", type=int, default=100, help="log every N iterations")
-    g.add_argument("--val_step", type=int, default=1000, help="evaluate every N iterations (and after the last)")
-    g.add_argument("--save_step", type=int, default=5000, help="save model_ite<N>.pth every N iterations")
+    _flag(g, "--log_step", type=int, default=100, roles=(RESUME_SAFE, LOGISTICS), help="log every N iterations")
+    _flag(g, "--val_step", type=int, default=1000, roles=(RESUME_SAFE,),
+          help="evaluate every N iterations (and after the last)")
+    _flag(g, "--save_step", type=int, default=5000, roles=(RESUME_SAFE, LOGISTICS),
+          help="save model_ite<N>.pth every N iterations")
+    lists = {role: ", ".join(f"--{a.dest}" for a in p._actions if role in getattr(a, "roles", ()))
+             for role in (TEST_SAFE, RESUME_SAFE)}
+    for action in p._actions:  # the help of --test / --resume names what the roles allow
+        if action.help and "{" in action.help:
+            action.help = action.help.format(**lists)
     return p
+
+
+FLAG_ROLES: dict[str, frozenset] = {a.dest: a.roles for a in build_parser()._actions if hasattr(a, "roles")}
+
+
+def flags_with(role: str) -> tuple[str, ...]:
+    """The flags (dest names, in declaration order) that have `role`."""
+    return tuple(name for name, roles in FLAG_ROLES.items() if role in roles)
 
 
 # ---------------------------------------------------------------- YAML
@@ -194,25 +251,11 @@ def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The flags of a --config YAML file, validated key by key."""
-    file = Path(path)
-    if file.is_dir():
-        raise FlagError(f"--config {path} is a folder; expected a YAML file (e.g. RUN/config.yaml)")
+    """The flags of a --config YAML file (its `base:` chain resolved), validated key by key."""
     try:
-        raw = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise FlagError(f"--config {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FlagError(f"--config {path}: cannot read it ({e})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise FlagError(f"--config {path}: invalid YAML{where}: {problem}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise FlagError(f"--config {path}: expected a mapping of flag names to values, got {type(raw).__name__}")
+        raw = read_recipe(path)
+    except RecipeError as e:
+        raise FlagError(str(e)) from None
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     unknown = sorted(str(k) for k in raw if k not in actions)
     if unknown:

@@ -10,6 +10,7 @@ class UserError(ValueError):
 
 
 USAGE_EXIT = 2
+INTERRUPTED_EXIT = 130  # a run stopped by SIGINT/SIGTERM after saving model_latest.pth (as the shell's 128+2)
 
 
 def one_line(e) -> str:

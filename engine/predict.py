@@ -38,9 +38,7 @@ from engine.predict_io import (
 )
 from engine.restore import Restored, restore, restored_model
 from engine.run_folder import RunError
-from parse_args import _int_list
-
-MODEL_KEYS = ("method", "num_levels", "in_channels", "features", "feat_dim")
+from parse_args import EVALUATION, PREDICT_SAFE, _int_list, flags_with
 
 
 def builtin_data_for(channels: int) -> Optional[str]:
@@ -72,14 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- checkpoint
-MODEL_FLAGS = MODEL_KEYS + ("data", "spatial_size", "device")
+# the flags of predict that restore() compares with (or, for a paper checkpoint, takes as) the record
+MODEL_FLAGS = flags_with(EVALUATION) + flags_with(PREDICT_SAFE)
 
 
 def resolve_config(args, ckpt_path) -> Restored:
     """The checkpoint and its settings by engine.restore's precedence rule: what the checkpoint records wins
     (a model-shape flag that differs from it is an error); a paper checkpoint takes the shape from its
     weights and needs --spatial_size; the normalisation defaults to the channel count's dataset."""
-    explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
     restored = restore(ckpt_path, explicit, "predict", {"method": "gaze_sup", "propagation": "torch"})
     cfg = restored.config
     missing = [k for k in ("in_channels", "features", "feat_dim") if cfg.get(k) is None]

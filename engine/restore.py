@@ -29,20 +29,25 @@ from models.checkpoint import (
     load_model_state,
 )
 from models.segmentation_net import build_model
+from parse_args import (
+    EVALUATION,
+    ONE_SHOT,
+    PREDICT_SAFE,
+    RESUME_SAFE,
+    SHAPE,
+    TEST_SAFE,
+    UNCOMPARED,
+    flags_with,
+)
 
-SHAPE_KEYS = ("method", "num_levels", "in_channels", "features", "feat_dim")
+# the key sets of the rule, derived from the flags' roles (parse_args.py declares each flag once)
+SHAPE_KEYS = flags_with(SHAPE)
 # flags that say what to do, not what the run is: never compared with the record
-COMMAND_KEYS = ("config", "resume", "test", "ckpt_path", "demo", "fp16", "model", "run_name", "exp_path", "quiet")
-SAFE = {
-    "test": ("root", "device", "num_worker", "save_pred", "amp", "test_split", "propagation"),
-    "predict": ("device", "amp", "propagation"),
-    # every flag not in this list would break exact continuation (or is a command flag)
-    "resume": ("root", "device", "num_worker", "max_ite", "log_step", "val_step", "save_step", "preload",
-               "compile", "channels_last", "propagation", "save_pred", "test_split"),
-}
+COMMAND_KEYS = flags_with(ONE_SHOT) + flags_with(UNCOMPARED)
+SAFE = {"test": flags_with(TEST_SAFE), "predict": flags_with(PREDICT_SAFE), "resume": flags_with(RESUME_SAFE)}
 # flags that change what an evaluation computes: --test and predict refuse a change to them and ignore
 # (with a log line) the training-only ones; --resume refuses every change outside SAFE
-EVALUATION_KEYS = SHAPE_KEYS + ("data", "spatial_size")
+EVALUATION_KEYS = flags_with(EVALUATION)
 
 
 @dataclass
@@ -133,10 +138,12 @@ def restore(ckpt_path, explicit: dict[str, Any], command: str, defaults: dict[st
 
 
 def make_model(config: dict[str, Any]) -> torch.nn.Module:
-    """The network of a run's settings (method, levels, widths, channels, propagation)."""
-    return build_model(config["method"], num_levels=config.get("num_levels") or 1, in_channels=config["in_channels"],
-                       features=tuple(config["features"]), feat_dim=config["feat_dim"],
-                       propagation=config.get("propagation") or "torch")
+    """The network of a run's settings: every model-shape flag (parse_args.py's SHAPE role) goes to
+    models.build_model by name, so a new shape flag is declared there and used in models/ only."""
+    shape = {k: config.get(k) for k in SHAPE_KEYS}
+    shape["num_levels"] = shape.get("num_levels") or 1
+    shape["features"] = tuple(shape["features"])
+    return build_model(**shape, propagation=config.get("propagation") or "torch")
 
 
 def restored_model(restored: Restored) -> torch.nn.Module:

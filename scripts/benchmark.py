@@ -295,10 +295,10 @@ def end_to_end(args) -> dict:
     import logging
     import tempfile
 
-    from datasets.synthetic import make_synthetic_dataset
     from engine.distributed import DistContext
     from engine.train import Trainer
     from parse_args import parse_args as run_args
+    from prepare.synthetic import make_synthetic_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="gazesup_e2e_"))
     root = args.root

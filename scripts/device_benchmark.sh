@@ -22,7 +22,7 @@ EXTRA=(${BENCH_FLAGS:-})
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 
 # 0. the propagation tests, CUDA and Triton ones included: the timings below mean nothing if these fail
-timeout "${TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_feature_propagation.py \
+timeout "${TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/models/test_feature_propagation.py \
   > "$OUT/cuda_tests.log" 2>&1
 echo "propagation tests: exit $?"; tail -n 3 "$OUT/cuda_tests.log"
 

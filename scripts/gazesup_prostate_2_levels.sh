@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The paper's NCI-ISBI prostate run (2 levels, prop consistency). Usage: scripts/gazesup_prostate_2_levels.sh EXP ROOT [extra flags]
+# The paper's NCI-ISBI prostate run (2 levels, prop consistency): configs/prostate_gaze_sup_2_levels.yaml, a delta
+# on the paper's recipe (configs/recipes/paper.yaml). Usage: scripts/gazesup_prostate_2_levels.sh EXP ROOT [extra flags]
+# Relative EXP and ROOT are read from the folder you call it from.
 set -euo pipefail
 EXP=${1:?usage: $0 EXP ROOT [extra flags]}; ROOT=${2:?usage: $0 EXP ROOT [extra flags]}; shift 2
-cd "$(dirname "$0")/.."
-python run.py -m gaze_sup --data prostate --model unet -bs 8 --exp_path "$EXP" --root "$ROOT" --spatial_size 224 \
-  --in_channels 1 --opt sgd --lr 1e-2 --lr_min 1e-4 --lr_scheduler cos --max_ite 15000 --num_levels 2 \
-  --cons_mode prop --cons_weight 3 --data_size_rate 1 --device 0 --seed 0 "$@"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+python "$REPO/run.py" --config "$REPO/configs/prostate_gaze_sup_2_levels.yaml" --exp_path "$EXP" --root "$ROOT" \
+  --device 0 "$@"

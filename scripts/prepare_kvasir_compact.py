@@ -1,11 +1,11 @@
 """Build the compact copy of a prepared dataset that a short GPU session carries: training images with their gaze
 maps, test images with their masks (real files, copied: links would not travel), and the two split files.
 
-    python -m datasets.prepare kvasir --src Kvasir-SEG --out data/kvasir --split-dir SPLITS
+    python -m prepare kvasir --src Kvasir-SEG --out data/kvasir --split-dir SPLITS
     python -m gaze --csv kvasir_fixation.csv --root data/kvasir --data kvasir
     python scripts/prepare_kvasir_compact.py --root data/kvasir --out .data/kvasir [--gaze_dir crf_compat1]
 
-Why not `datasets.prepare --copy`: that copies every image and every mask (55 MiB for Kvasir-SEG), and `python
+Why not `python -m prepare kvasir --copy`: that copies every image and every mask (55 MiB for Kvasir-SEG), and `python
 -m gaze` adds its heatmap and CRF folders beside them: over the 64 MiB a device session carries. The compact copy
 holds only what training and testing read: 44.5 MiB for Kvasir-SEG with one gaze folder (measured with the box
 maps). Nothing here may be committed: .data/ is git-ignored.
@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from common.dataspec import load_spec  # noqa: E402  (after the path insert: run as a script)
 from common.errors import OneLineParser, run_cli  # noqa: E402
 from datasets.io import DataError, read_ids  # noqa: E402
-from datasets.util import make_out_dir, write_list  # noqa: E402
+from prepare.util import make_out_dir, write_list  # noqa: E402
 
 
 def plan(root: Path, gaze_dirs: list, data: str, train_split: str = "train", test_split: str = "test") -> tuple:
@@ -41,7 +41,7 @@ def build(root, out, gaze_dirs=("crf_compat1",), data: str = "kvasir") -> dict:
     """Copy what training and testing read from the prepared ROOT to OUT; returns counts and the size in bytes."""
     root, out = Path(root), Path(out)
     if not root.is_dir():
-        raise DataError(f"--root {root} is not a folder (prepare it with: python -m datasets.prepare kvasir ...)")
+        raise DataError(f"--root {root} is not a folder (prepare it with: python -m prepare kvasir ...)")
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise DataError(f"--out {out} is inside --root {root}; choose a separate folder")
     make_out_dir(out, check_only=True)
@@ -57,7 +57,7 @@ def build(root, out, gaze_dirs=("crf_compat1",), data: str = "kvasir") -> dict:
 
 def _main(argv=None) -> int:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="prepared root (datasets.prepare + python -m gaze --root ROOT)")
+    p.add_argument("--root", required=True, help="prepared root (python -m prepare + python -m gaze --root ROOT)")
     p.add_argument("--out", required=True, help="compact copy to write")
     p.add_argument("--gaze_dir", nargs="+", default=["crf_compat1"],
                    help="folder(s) under ROOT/gaze to carry (default crf_compat1; e.g. box box_crf)")

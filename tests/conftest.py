@@ -44,3 +44,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One tiny synthetic dataset (8 train, 4 test images, gaze maps = blurred masks) for the whole session.
+    Read-only: a test that changes data makes its own (tests.helpers.tiny_dataset)."""
+    from tests.helpers import tiny_dataset
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def error_line(capsys):
+    """error_line() -> the one `error: ...` line a refused command printed to stderr (asserting it is the
+    whole of stderr, without a traceback)."""
+    from tests.helpers import one_error_line
+    return lambda: one_error_line(capsys.readouterr().err)

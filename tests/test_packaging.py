@@ -23,14 +23,6 @@ def test_environment_yaml_matches_requirements():
     assert set(conda_pip) == pip_lines("requirements-dev.txt")
 
 
-def test_readme_documents_every_flag():
-    from parse_args import build_parser
-
-    readme = (REPO / "README.md").read_text()
-    flags = [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
-    assert flags and [f for f in flags if f"`{f}" not in readme and f" {f}" not in readme] == []
-
-
 def test_readme_test_command_is_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in ci and "python -m pytest -q tests" in (REPO / "README.md").read_text()

@@ -1,0 +1,350 @@
+"""`python run.py summarize EXP_PATH`: one table of every training run under EXP_PATH.
+
+Writes EXP_PATH/summary.csv and summary.md (one row per dataset and preset/run_name: seeds, final-iteration
+and best-checkpoint Dice as mean ± std over seeds, IoU, HD95, wall time, the card), runs.csv (every run
+folder with its status) and curves.png (test Dice against iteration, one line per preset: the mean over
+seeds, the band spans the seeds' minimum to maximum), and prints the table. Unfinished, failed or
+duplicated runs are listed, not averaged. The std is the sample standard deviation (ddof=1), blank with one
+seed. Torch-free: it only reads config.yaml, metrics.json and losses.csv.
+"""
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.errors import OneLineParser, UserError
+from common.files import atomic_path, write_text_atomic
+
+_STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
+
+
+class SummaryError(UserError):
+    """EXP_PATH cannot be summarised (missing, no runs)."""
+
+
+@dataclass
+class Run:
+    """One run folder: EXP/<seed>/<data>/<run_name>_<timestamp>/.
+
+    status: finished (metrics.json at max_ite), unfinished (no metrics.json), stopped_early (metrics.json
+    before max_ite), unreadable (a file that does not parse), duplicate (an older finished copy of a
+    finished run: not averaged), evaluation (a --test folder, not a training run).
+    """
+    path: Path
+    data: str
+    run_name: str
+    seed: int | None
+    max_ite: int | None
+    status: str
+    reason: str = ""
+    metrics: dict | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.data, self.run_name
+
+
+def last_logged_iteration(run_dir: Path) -> int | None:
+    """The last iteration in losses.csv (logged every --log_step), or None."""
+    try:
+        rows = list(csv.reader((run_dir / "losses.csv").read_text().splitlines()))
+        return int(rows[-1][0]) if len(rows) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_run(run_dir: Path) -> Run:
+    """The run folder's identity (data, run_name, seed) and status, from config.yaml and metrics.json."""
+    run_dir = Path(run_dir)
+    data = run_dir.parent.name
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        config = f"config.yaml: {' '.join(str(e).split())}"
+    if not isinstance(config, dict):
+        why = config if isinstance(config, str) else "config.yaml: not a mapping of flags"
+        return Run(run_dir, data, _STAMP.sub("", run_dir.name), None, None, "unreadable", why)
+    name = config.get("run_name") or _STAMP.sub("", run_dir.name)
+    seed = config.get("seed")
+    max_ite = config.get("max_ite")
+    run = Run(run_dir, data, str(name), seed, max_ite, "unfinished", config=config)
+    if config.get("test"):
+        run.status, run.reason = "evaluation", "a --test folder"
+        return run
+    mpath = run_dir / "metrics.json"
+    if not mpath.exists():
+        last = last_logged_iteration(run_dir)
+        resumable = "model_latest.pth saved" if (run_dir / "model_latest.pth").exists() else "no checkpoint"
+        run.reason = f"no metrics.json; last logged iteration {last if last is not None else '-'}, {resumable}"
+        return run
+    try:
+        metrics = json.loads(mpath.read_text())
+        final_iteration = int(metrics["final_iteration"])
+        float(metrics["final"]["mdice"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        run.status, run.reason = "unreadable", f"metrics.json: {type(e).__name__} {e}"
+        return run
+    run.metrics = metrics
+    if max_ite is not None and final_iteration < int(max_ite):
+        run.status, run.reason = "stopped_early", f"final_iteration {final_iteration} < max_ite {max_ite}"
+    else:
+        run.status = "finished"
+    return run
+
+
+def find_runs(exp: Path) -> list[Run]:
+    """Every folder under `exp` holding a config.yaml, newest folder name last within a preset."""
+    runs = [read_run(p.parent) for p in sorted(Path(exp).rglob("config.yaml"))]
+    # keep one finished run per (data, run_name, seed): the newest; older finished copies are not averaged
+    newest: dict[tuple, Run] = {}
+    for run in sorted(runs, key=lambda r: r.path.name):
+        if run.status == "finished":
+            k = (*run.key, run.seed)
+            if k in newest:
+                old = newest[k]
+                old.status, old.reason = "duplicate", f"a newer finished run of seed {run.seed}: {run.path.name}"
+            newest[k] = run
+    return runs
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for fewer than two values) of the finite values
+    (None and NaN, e.g. an undefined HD95, are left out; the table says over how many runs)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan)
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _pct(v):
+    return None if v is None else 100 * float(v)
+
+
+# column -> (label, how to read one run's value); Dice and IoU in %, HD95 in pixels, time in minutes
+COLUMNS = {
+    "final_dice": ("final Dice %", lambda m: _pct(_get(m, "final", "mdice"))),
+    "best_dice": ("best Dice %", lambda m: _pct(_get(m, "best", "test", "mdice"))),
+    "final_iou": ("final IoU %", lambda m: _pct(_get(m, "final", "miou"))),
+    "best_iou": ("best IoU %", lambda m: _pct(_get(m, "best", "test", "miou"))),
+    "final_hd95": ("final HD95 px", lambda m: _get(m, "final", "mhd95")),
+    "train_minutes": ("train min", lambda m: None if m.get("train_seconds") is None else m["train_seconds"] / 60),
+}
+
+
+def aggregate(runs: list[Run]) -> list[dict]:
+    """One row per (data, run_name) over its finished runs: n, seeds, mean and std of every column."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.status == "finished":
+            groups.setdefault(run.key, []).append(run)
+    rows = []
+    for (data, name), group in sorted(groups.items()):
+        group.sort(key=lambda r: (r.seed if isinstance(r.seed, int) else 0))
+        row = {"data": data, "preset": name, "n": len(group), "seeds": " ".join(str(r.seed) for r in group),
+               "best_iteration": " ".join(str(_get(r.metrics, "best", "iteration")) for r in group),
+               "selected_on": "/".join(sorted({str(_get(r.metrics, "best", "selected_on")) for r in group})),
+               "final_iteration": " ".join(sorted({str(r.metrics["final_iteration"]) for r in group})),
+               "card": "; ".join(sorted({str(r.metrics.get("device", "?")) for r in group}))}
+        for col, (_, read) in COLUMNS.items():
+            values = [read(r.metrics) for r in group]
+            row[f"{col}_mean"], row[f"{col}_std"] = mean_std(values)
+            row[f"{col}_n"] = sum(v is not None and math.isfinite(float(v)) for v in values)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _num(v, digits: int = 2) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _pm(row: dict, col: str, digits: int = 2) -> str:
+    mean, std = row[f"{col}_mean"], row[f"{col}_std"]
+    if not math.isfinite(mean):
+        return "-"
+    text = _num(mean, digits) + (f" ± {_num(std, digits)}" if math.isfinite(std) else "")
+    # a metric some runs lack (HD95 is undefined for an empty prediction) says over how many it is taken
+    return text + (f" ({row[f'{col}_n']} of {row['n']})" if row[f"{col}_n"] < row["n"] else "")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table (mean ± sample std over seeds)."""
+    head = ["data", "preset", "n", "seeds", "final Dice %", "best Dice %", "best selected on", "final IoU %",
+            "best IoU %", "final HD95 px", "train min", "card"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["data"], r["preset"], str(r["n"]), r["seeds"], _pm(r, "final_dice"), _pm(r, "best_dice"),
+                 r["selected_on"], _pm(r, "final_iou"), _pm(r, "best_iou"), _pm(r, "final_hd95"),
+                 _pm(r, "train_minutes", 1), r["card"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def not_averaged_table(runs: list[Run], exp: Path) -> str:
+    rest = [r for r in runs if r.status not in ("finished", "evaluation")]
+    if not rest:
+        return ""
+    lines = ["| data | preset | seed | status | why | folder |", "|---|---|---|---|---|---|"]
+    for r in sorted(rest, key=lambda r: (r.data, r.run_name, str(r.seed), r.path.name)):
+        lines.append(f"| {r.data} | {r.run_name} | {r.seed} | {r.status} | {r.reason} | "
+                     f"{r.path.relative_to(exp)} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(rows: list[dict], runs: list[Run], exp: Path) -> str:
+    legend = ("Mean ± sample standard deviation (ddof=1) over seeds, finished runs only. *final*: the test metrics "
+              "after the last iteration. *best*: the test metrics of the checkpoint selected during training "
+              "(`model_best.pth`) on the split in *best selected on*: `test` as in the paper, `val` for runs with "
+              "`--val_fraction`. HD95 is computed at the last iteration only. *train min*: `train_seconds` of "
+              "metrics.json.")
+    parts = [f"# Summary of {exp}", "", legend, "", markdown_table(rows)]
+    rest = not_averaged_table(runs, exp)
+    if rest:
+        parts += ["", "## Not averaged", "", rest]
+    skipped = sum(r.status == "evaluation" for r in runs)
+    if skipped:
+        parts += ["", f"{skipped} evaluation-only (`--test`) folder(s) are not training runs and are left out."]
+    return "\n".join(parts) + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """Machine-readable rows: numbers at full precision (Dice/IoU in %, HD95 in px, time in minutes)."""
+    keys = ["data", "preset", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
+    keys += [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std", "n")] + ["card"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(keys)
+    for r in rows:
+        writer.writerow(["" if isinstance(r[k], float) and not math.isfinite(r[k]) else r[k] for k in keys])
+    return out.getvalue()
+
+
+def runs_csv(runs: list[Run], exp: Path) -> str:
+    """Every run folder with its status and its own final / best Dice."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["data", "preset", "seed", "status", "final_dice_pct", "best_dice_pct", "folder", "why"])
+    for r in sorted(runs, key=lambda r: (r.data, r.run_name, str(r.seed), r.path.name)):
+        final = COLUMNS["final_dice"][1](r.metrics) if r.metrics else None
+        best = COLUMNS["best_dice"][1](r.metrics) if r.metrics else None
+        writer.writerow([r.data, r.run_name, r.seed, r.status, "" if final is None else final,
+                         "" if best is None else best, r.path.relative_to(exp), r.reason])
+    return out.getvalue()
+
+
+def curve(run: Run) -> dict[int, float]:
+    """iteration -> test Dice (%) from the run's evaluation history."""
+    points = {}
+    for h in run.metrics.get("history") or []:
+        dice = _get(h, "test", "mdice")
+        if dice is not None and h.get("iteration") is not None:
+            points[int(h["iteration"])] = 100 * float(dice)
+    return points
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    """Test Dice against iteration, one subplot per dataset, one line (mean over seeds) per preset, and a
+    band from the seeds' minimum to maximum, at the iterations every seed evaluated."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[dict[int, float]]] = {}
+    for run in runs:
+        if run.status == "finished":
+            groups.setdefault(run.key, []).append(curve(run))
+    datasets = sorted({d for d, _ in groups}) or ["(no finished runs)"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        for (d, name), curves in sorted(groups.items()):
+            if d != data:
+                continue
+            its = sorted(set.intersection(*(set(c) for c in curves)))
+            if not its:
+                continue
+            values = [[c[i] for c in curves] for i in its]
+            line, = ax.plot(its, [statistics.fmean(v) for v in values], marker="o", ms=3,
+                            label=f"{name} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(its, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                                alpha=0.2, lw=0)
+        ax.set_title(f"{data}: test Dice (line: mean over seeds, band: min-max)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("test Dice %")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[list[dict], list[Run]]:
+    """Write summary.csv, summary.md, runs.csv and curves.png for every run under `exp` into `out` (default
+    `exp`); return the aggregated rows and the runs."""
+    exp = Path(exp)
+    if not exp.is_dir():
+        raise SummaryError(f"EXP_PATH {exp} is not a folder (expected the --exp_path of the runs)")
+    runs = find_runs(exp)
+    if not runs:
+        raise SummaryError(f"no run folders under {exp} (a run folder holds config.yaml; expected "
+                           f"{exp}/<seed>/<data>/<run>/)")
+    out = Path(out) if out else exp
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = aggregate(runs)
+        write_text_atomic(out / "summary.csv", summary_csv(rows))
+        write_text_atomic(out / "summary.md", summary_markdown(rows, runs, exp))
+        write_text_atomic(out / "runs.csv", runs_csv(runs, exp))
+        if plot:
+            plot_curves(runs, out / "curves.png")
+    except OSError as e:
+        raise SummaryError(f"cannot write the summary to {out}: {e}") from None
+    return rows, runs
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
+                "summary.md, runs.csv and curves.png (mean ± sample std over seeds; unfinished runs listed apart).")
+    p.add_argument("exp_path", help="the --exp_path of the runs (searched recursively for run folders)")
+    p.add_argument("--out", default=None, help="where the summary files go (default: EXP_PATH)")
+    p.add_argument("--no_plot", action="store_true", help="skip curves.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rows, runs = summarize(Path(args.exp_path), args.out and Path(args.out), not args.no_plot)
+    exp = Path(args.exp_path)
+    print(markdown_table(rows))
+    rest = not_averaged_table(runs, exp)
+    if rest:
+        print("\nnot averaged:\n" + rest)
+    out = Path(args.out) if args.out else exp
+    print(f"\nwrote {out / 'summary.csv'}, summary.md, runs.csv" + ("" if args.no_plot else ", curves.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    from common.errors import run_cli
+    raise SystemExit(run_cli(main))
