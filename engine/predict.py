@@ -49,7 +49,9 @@ def builtin_data_for(channels: int) -> Optional[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="run.py predict", description="Segment new images with a trained checkpoint.")
-    p.add_argument("--ckpt_path", required=True, help="checkpoint .pth (or a run folder: its model_best.pth)")
+    p.add_argument("--ckpt_path", required=True,
+                   help="checkpoint .pth, a run folder (its model_best.pth) or an exported bundle (its weights.pth); "
+                        "for onnxruntime without torch, pass the bundle as --model instead")
     p.add_argument("--input", nargs="+", required=True, help="image files (jpg/png/dcm) and/or folders of them")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--spatial_size", type=int, default=None, help="network input side (default: from the checkpoint)")
