@@ -60,9 +60,13 @@ class InferenceGraph(torch.nn.Module):
         """DataSpec.normalize for a batch: z-score over each image (all channels), or (x / 255 - mean) / std
         (3-channel images are always 8-bit as read_image returns them; a 1-channel image's divisor is given)."""
         if self.zscore:
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            std = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()  # numpy's std (ddof 0)
-            return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+            # mean and std (numpy's: ddof 0) reduced in float64: a float32 reduction over a 16-bit image drifts
+            # from numpy's pairwise float32 sums by up to ~1e-4 of the std; in float64 both round to the same
+            x64 = x.double()
+            mean = x64.mean(dim=(1, 2, 3), keepdim=True)
+            std = (x64 - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+            std = torch.where(std > 0, std, torch.ones_like(std))
+            return (x - mean.float()) / std.float()
         x = x / (divisor if divisor is not None else 255.0)
         return (x - self.mean) / self.std
 

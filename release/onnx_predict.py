@@ -86,6 +86,15 @@ def predict_files(model: OnnxModel, files: List[Path], out: Path, threshold: flo
     return written
 
 
+def card_threshold(card: Optional[dict]) -> float:
+    """The model card's predict_threshold (0.5 without a card)."""
+    value = (card or {}).get("predict_threshold", 0.5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise BundleError(f"the model card's predict_threshold is {value!r}, expected a number strictly between 0 "
+                          "and 1 (or pass --threshold)")
+    return float(value)
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -95,9 +104,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.threads < 0:
             raise UserError(f"--threads is {args.threads}, expected 0 (onnxruntime's default) or more")
         onnx_path, card = locate_model(args.model)
-        threshold = args.threshold if args.threshold is not None else float((card or {}).get("predict_threshold",
-                                                                                           0.5))
-        check_threshold(threshold)
+        threshold = args.threshold if args.threshold is not None else card_threshold(card)
         files, skipped = list_inputs(args.input)
         if skipped:
             print(f"warning: {summarize_skipped(skipped)}", file=sys.stderr)
