@@ -251,12 +251,17 @@ def export_bundle(args: Namespace) -> tuple[Path, dict]:
                    "the code commit that trained it"]
         if config.get("data") and args.data is None:
             unknown.append(f"the dataset: the normalisation is the built-in {config['data']!r} (by channel count)")
+    if args.thresholds and restored.recorded:
+        raise ExportError(f"--thresholds is for checkpoints that do not record their settings; {restored.path} "
+                          "records them")
     thresholds = None
     if config["method"] == "gaze_sup":
         try:
             thresholds = spec.level_thresholds(config["num_levels"], args.thresholds or config.get("thresholds"))
         except UserError:
             unknown.append("the levels' pseudo-mask thresholds")
+        if not restored.recorded:
+            config["thresholds"] = thresholds  # weights.pth then records them for --test and predict
     metrics = read_metrics(restored.run_dir) if restored.recorded else None
     split = split_record(config, restored.recorded)
     if restored.recorded and metrics is None:

@@ -61,16 +61,18 @@ def assert_same_predictions(ckpt: Path, bundle: Path, images: list[np.ndarray], 
     return worst
 
 
-def checkpoint(path: Path, in_channels=3, data="kvasir", spatial_size=32, paper=False, seed=0) -> Path:
-    """A randomly initialised narrow 2-level model saved as this project does (with "args") or as the paper does."""
+def checkpoint(path: Path, in_channels=3, data="kvasir", spatial_size=32, paper=False, seed=0,
+               method="gaze_sup") -> Path:
+    """A randomly initialised narrow model (2 levels for gaze_sup) saved as this project does (with "args") or as
+    the paper does."""
     torch.manual_seed(seed)
-    model = build_model("gaze_sup", num_levels=2, in_channels=in_channels, **NARROW)
+    model = build_model(method, num_levels=2, in_channels=in_channels, **NARROW)
     if paper:
         state = {"state_dict": model.state_dict(), "opt": {}, "epoch": 1, "iteration": 0,
                  "best_performance": np.float64(0.5), "best_iteration": 0}
     else:
         state = {"state_dict": model.state_dict(), "iteration": 0,
-                 "args": dict(method="gaze_sup", num_levels=2, in_channels=in_channels, data=data,
+                 "args": dict(method=method, num_levels=2, in_channels=in_channels, data=data,
                               spatial_size=spatial_size, **NARROW)}
     save_checkpoint(path, state)
     return path
@@ -236,6 +238,16 @@ def test_paper_checkpoint_exports_with_its_unknowns(tmp_path, capsys):
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((50, 47), (33, 70), (64, 64))]
     assert_same_predictions(ckpt, bundle, images, "--spatial_size", "40")
 
+
+
+def test_full_sup_checkpoint(tmp_path):
+    ckpt = checkpoint(tmp_path / "full.pth", method="full_sup", spatial_size=48)
+    bundle = export(ckpt, tmp_path / "bundle")
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert (card["method"], card["levels"], card["thresholds"]) == ("full_sup", None, None)
+    rng = np.random.default_rng(1)
+    assert_same_predictions(ckpt, bundle, [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                                           for h, w in ((30, 41), (57, 36), (48, 48))])
 
 # ---------------------------------------------------------------- no torch
 def test_onnx_predict_never_imports_torch(exported, data_root, tmp_path):
