@@ -24,7 +24,6 @@ import torch
 
 from common.dataspec import builtin_specs, load_spec
 from common.errors import OneLineParser, UserError, report_user_error
-from datasets.io import read_image
 from datasets.segmentation import data_spec, normalized_image, resize
 from engine.device import pick_device
 from engine.evaluate import model_outputs, upsample_logits
@@ -33,8 +32,8 @@ from engine.predict_io import (
     check_out_folder,
     check_threshold,
     list_inputs,
+    predict_each,
     summarize_skipped,
-    write_prediction,
 )
 from engine.restore import Restored, restore, restored_model
 from engine.run_folder import RunError
@@ -100,6 +99,8 @@ def resolve_config(args, ckpt_path) -> Restored:
 def load_model(ckpt_path, args, device: torch.device):
     """(model in eval mode on `device`, resolved settings). Errors name the checkpoint."""
     restored = resolve_config(args, ckpt_path)
+    for note in restored.notes:  # e.g. the spec file changed since the run: the recorded spec is used
+        print(f"note: {note}")
     return restored_model(restored).to(device).eval(), restored.config
 
 
@@ -117,19 +118,14 @@ def probability(model: torch.nn.Module, x: torch.Tensor, size: tuple) -> torch.T
 
 def predict_files(model, cfg: dict, files: List[Path], out: Path, device: torch.device, threshold: float = 0.5,
                   save_prob: bool = False, quiet: bool = True) -> List[Path]:
-    """Write mask / overlay (/ prob) PNGs for each file; returns the written paths."""
-    check_channels(files, cfg["in_channels"], f"--data {cfg['data']}")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for f in files:
-        image = read_image(f)
-        x = prepare(image, cfg["data"], cfg["spatial_size"], f).to(device)
-        prob = probability(model, x, image.shape[:2]).numpy()
-        paths = write_prediction(image, prob, f.stem, out, threshold, save_prob)
-        written += paths
-        if not quiet:
-            print(f"{f} -> {paths[0].name} ({100 * (prob > threshold).mean():.1f}% foreground)")
-    return written
+    """Write mask / overlay (/ prob) PNGs for each file (engine.predict_io.predict_each); the written paths."""
+    check_channels(files, cfg["in_channels"], f"--data {data_spec(cfg['data']).name}")
+
+    def prob_of(image, path):
+        x = prepare(image, cfg["data"], cfg["spatial_size"], path).to(device)
+        return probability(model, x, image.shape[:2]).numpy()
+
+    return predict_each(files, out, prob_of, threshold, save_prob, quiet)
 
 
 def main(argv=None) -> int:
@@ -149,5 +145,5 @@ def main(argv=None) -> int:
         print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
         return 2
     print(f"{len(files)} image(s) -> {len(written)} files in {args.out} "
-          f"({cfg['method']}, {cfg['data']}, {cfg['spatial_size']} px, device {device})")
+          f"({cfg['method']}, {data_spec(cfg['data']).name}, {cfg['spatial_size']} px, device {device})")
     return 0

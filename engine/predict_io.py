@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from common.contours import overlay, to_uint8_rgb
-from datasets.io import DataError, image_channels, image_size
+from common.errors import UserError, one_line
+from datasets.io import DataError, image_channels, image_size, read_image
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
 
@@ -133,3 +134,29 @@ def write_prediction(image: np.ndarray, prob: np.ndarray, stem: str, out: Path, 
         paths.append(out / f"{stem}_prob.png")
         Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(paths[2])
     return paths
+
+
+def predict_each(files: list[Path], out: Path, prob_of, threshold: float, save_prob: bool,
+                 quiet: bool = True) -> list[Path]:
+    """For each file: read it, `prob_of(image, path)` -> (H, W) probabilities, write its PNGs; the written paths.
+
+    OUT is created with the first output (a first image that cannot be predicted leaves nothing behind); a later
+    image that fails is a UserError saying which images were written.
+    """
+    written = []
+    for k, f in enumerate(files):
+        try:
+            image = read_image(f)
+            prob = prob_of(image, f)
+        except UserError as e:
+            if not k:
+                raise
+            raise UserError(f"{one_line(e)}; stopped there: the {k} image(s) before it ({files[0].name} to "
+                            f"{files[k - 1].name}) were written to {out}, the {len(files) - k} from it on were "
+                            "not") from None
+        out.mkdir(parents=True, exist_ok=True)
+        paths = write_prediction(image, prob, f.stem, out, threshold, save_prob)
+        written += paths
+        if not quiet:
+            print(f"{f} -> {paths[0].name} ({100 * (prob > threshold).mean():.1f}% foreground)")
+    return written

@@ -12,9 +12,10 @@ which (255 or 1). Every other spec's normalisation does not depend on the bit de
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from common.checksums import BUNDLE_CARD, BUNDLE_CARD_MD, BUNDLE_ONNX, SUMS_NAME, is_bundle, verify_folder
+from common.dataspec import spec_record
 from common.errors import UserError
 
 CARD_FORMAT = "gazesup-model-card/1"
@@ -30,16 +31,6 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("".join(f"{i}\n" for i in ids).encode("utf-8")).hexdigest()
 
 
-def spec_record(spec) -> dict[str, Any]:
-    """A DataSpec as plain JSON values (the resolved spec, not the file it came from)."""
-    norm = spec.normalization
-    return {"name": spec.name, "image_ext": spec.image_ext, "mask_ext": spec.mask_ext, "gaze_ext": spec.gaze_ext,
-            "in_channels": spec.in_channels,
-            "normalization": norm if isinstance(norm, str) else {"mean": list(norm[0]), "std": list(norm[1])},
-            "heatmap": {"canvas": spec.heatmap_canvas, "sigma": spec.heatmap_sigma}, "crf": spec.crf,
-            "thresholds": {str(k): v for k, v in spec.thresholds.items()}, "source": spec.source}
-
-
 def needs_divisor(spec) -> bool:
     """Whether the spec's normalisation depends on the image's bit depth (a 1-channel explicit {mean, std})."""
     return not isinstance(spec.normalization, str) and spec.in_channels == 1
@@ -48,7 +39,9 @@ def needs_divisor(spec) -> bool:
 def build_card(*, config: dict, spec, thresholds: Optional[list], checkpoint: dict, metrics: Optional[dict],
                split: dict, threshold: float, commit: str, date: str, opset: int, unknown: list[str]) -> dict:
     """The model card (a pure function of what export gathered; see docs/how-to/export.md for each field)."""
-    normalization = spec_record(spec)["normalization"]
+    data = {**spec_record(spec), "source": spec.source}
+    data["thresholds"] = {str(k): v for k, v in data["thresholds"].items()}  # JSON keys are strings
+    normalization = data["normalization"]
     inputs = [{"name": INPUT_NAME, "shape": ["N", spec.in_channels, "H", "W"], "type": "float32",
                "values": "the image's own range: 0-255 for 8-bit images, raw values for 16-bit PNG and DICOM"}]
     if needs_divisor(spec):
@@ -63,7 +56,7 @@ def build_card(*, config: dict, spec, thresholds: Optional[list], checkpoint: di
         "feat_dim": config["feat_dim"],
         "in_channels": config["in_channels"],
         "spatial_size": config["spatial_size"],
-        "data": spec_record(spec),
+        "data": data,
         "training_split": split,
         "checkpoint": checkpoint,
         "metrics": metrics,

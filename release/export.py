@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checksums import BUNDLE_CARD, BUNDLE_CARD_MD, BUNDLE_ONNX, BUNDLE_WEIGHTS, SUMS_NAME, sums_text
-from common.dataspec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, load_spec
+from common.dataspec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, load_spec, spec_record
 from common.errors import OneLineParser, UserError, report_user_error
 from common.files import write_json, write_text_atomic
 from engine.evaluate import model_outputs
@@ -240,9 +240,9 @@ def export_bundle(args: Namespace) -> tuple[Path, dict]:
         raise ExportError(f"--opset is {args.opset}; expected 13 to 23 (default {OPSET})")
     args.device = None
     restored = resolve_config(args, args.ckpt_path)
-    config = plain(restored.config)
-    spec = load_spec(config["data"])
-    config["data"] = str(config["data"])
+    spec = load_spec(restored.config["data"])  # the spec the run recorded (a DataSpec), or a name or path
+    config = plain({**restored.config, "data": spec.source if isinstance(restored.config["data"], DataSpec)
+                    else str(restored.config["data"])})
     model = restored_model(restored).eval()
     unknown = []
     if not restored.recorded:
@@ -281,7 +281,8 @@ def export_bundle(args: Namespace) -> tuple[Path, dict]:
         graph = InferenceGraph(model, spec, config["spatial_size"]).eval()
         export_onnx(graph, config["in_channels"], tmp / BUNDLE_ONNX, args.opset)
         card["onnx"]["probe_max_abs_diff"] = check_against_torch(graph, config["in_channels"], tmp / BUNDLE_ONNX)
-        weights = {"state_dict": restored.state_dict, "args": config, "iteration": restored.ckpt.get("iteration")}
+        weights = {"state_dict": restored.state_dict, "args": config, "iteration": restored.ckpt.get("iteration"),
+                   "data_spec": spec_record(spec)}  # the resolved spec, as runs record it
         save_checkpoint(tmp / BUNDLE_WEIGHTS, weights)
         write_json(tmp / BUNDLE_CARD, card)
         write_text_atomic(tmp / BUNDLE_CARD_MD, card_markdown(card))

@@ -13,14 +13,13 @@ from typing import List, Optional
 import numpy as np
 
 from common.errors import OneLineParser, UserError, report_user_error
-from datasets.io import read_image
 from engine.predict_io import (
     check_channels,
     check_out_folder,
     check_threshold,
     list_inputs,
+    predict_each,
     summarize_skipped,
-    write_prediction,
 )
 from release.bundle import DIVISOR_NAME, INPUT_NAME, BundleError, check_interface, locate_model
 
@@ -74,16 +73,7 @@ def predict_files(model: OnnxModel, files: List[Path], out: Path, threshold: flo
                   quiet: bool = True) -> List[Path]:
     """Write mask / overlay (/ prob) PNGs for each file (channels checked for all first); the written paths."""
     check_channels(files, model.channels, "the model")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for f in files:
-        image = read_image(f)
-        prob = model.probability(image)
-        paths = write_prediction(image, prob, f.stem, out, threshold, save_prob)
-        written += paths
-        if not quiet:
-            print(f"{f} -> {paths[0].name} ({100 * (prob > threshold).mean():.1f}% foreground)")
-    return written
+    return predict_each(files, out, lambda image, path: model.probability(image), threshold, save_prob, quiet)
 
 
 def card_threshold(card: Optional[dict]) -> float:

@@ -41,7 +41,6 @@ MODULES: dict = {}
 PENDING = {
     "docs/how-to/weak-annotations.md",
     "docs/how-to/export.md",
-    "docs/how-to/slurm.md",
     "docs/hardware.md",
     "docs/reference/flags.md",  # generated from parse_args.py
 }

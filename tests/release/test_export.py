@@ -145,7 +145,8 @@ def test_bundle_files_card_and_checksums(trained):
     assert "thresholds [0.5, 0.3]" in md and f"{metrics['final']['mdice']:.4f}" in md
     # weights.pth: the weights and the flags, nothing else (no optimiser), loadable with weights_only=True
     weights = torch.load(bundle / "weights.pth", weights_only=True)
-    assert sorted(weights) == ["args", "iteration", "state_dict"]
+    assert sorted(weights) == ["args", "data_spec", "iteration", "state_dict"]
+    assert weights["data_spec"]["normalization"] == "imagenet" and weights["args"]["data"] == "kvasir"
     best = load_checkpoint(run_dir / "model_best.pth")
     assert all(torch.equal(weights["state_dict"][k], v) for k, v in best["state_dict"].items())
 
