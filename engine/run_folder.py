@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from common.checksums import BUNDLE_CARD, BUNDLE_WEIGHTS, is_bundle, verify_folder
 from common.dataspec import DataSpec, load_spec, spec_record
 from common.errors import UserError
 from common.files import write_json, write_text_atomic  # noqa: F401  (write_json re-exported for the engine)
@@ -28,8 +29,6 @@ class RunError(UserError):
 def resolve_checkpoint(path, in_run_folder: str = "model_best.pth") -> Path:
     """A checkpoint file, a run folder meaning its `in_run_folder` checkpoint, or a release bundle (run.py export)
     meaning its weights.pth once every file of the bundle matches its SHA256SUMS."""
-    from common.checksums import BUNDLE_CARD, BUNDLE_WEIGHTS, is_bundle, verify_folder
-
     if not path:
         raise RunError("--ckpt_path is required here (a .pth file, a run folder or an exported bundle)")
     path = Path(path)
