@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from common.dataspec import builtin_specs, load_spec
-from common.errors import OneLineParser, UserError, report_user_error
+from common.errors import OneLineParser, UserError, command_name, report_user_error
 from datasets.io import DataError, read_image
 from datasets.segmentation import data_spec, image_size, normalized_image, resize
 from engine.device import pick_device
@@ -46,7 +46,7 @@ def builtin_data_for(channels: int) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="run.py predict", description="Segment new images with a trained checkpoint.")
+    p = OneLineParser(prog=command_name("run.py predict"), description="Segment new images with a trained checkpoint.")
     p.add_argument("--ckpt_path", required=True, help="checkpoint .pth (or a run folder: its model_best.pth)")
     p.add_argument("--input", nargs="+", required=True, help="image files (jpg/png/dcm) and/or folders of them")
     p.add_argument("--out", required=True, help="output folder")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import OneLineParser, UserError
+from common.errors import OneLineParser, UserError, command_name
 from common.files import atomic_path, write_text_atomic
 
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
@@ -324,7 +324,8 @@ def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[li
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
+    p = OneLineParser(prog=command_name("run.py summarize"),
+                      description="Summarise every run under EXP_PATH: summary.csv, "
                 "summary.md, runs.csv and curves.png (mean ± sample std over seeds; unfinished runs listed apart).")
     p.add_argument("exp_path", help="the --exp_path of the runs (searched recursively for run folders)")
     p.add_argument("--out", default=None, help="where the summary files go (default: EXP_PATH)")

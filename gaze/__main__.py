@@ -6,11 +6,11 @@ Every error a user can cause (bad CSV, missing folder, bad option) exits with st
 import argparse
 import sys
 
-from common.errors import OneLineParser, run_cli
+from common.errors import OneLineParser, command_name, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m gaze", description="Fixation CSV -> gaze heatmaps -> "
+    p = OneLineParser(prog=command_name("python -m gaze"), description="Fixation CSV -> gaze heatmaps -> "
                                 "dense-CRF gaze maps -> Dice report (GazeMedSeg recipe).")
     p.add_argument("--csv", required=True, help="fixation CSV (GazeMedSeg columns, or any CSV with --columns)")
     p.add_argument("--root", required=True, help="dataset root with images/ (and masks/ for the report); only read")
