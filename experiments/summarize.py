@@ -259,6 +259,17 @@ def curve(run: Run) -> dict[int, float]:
     return points
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7 and 4 dash patterns: 28 distinct looks
+
+
+def line_style(index: int) -> dict:
+    """The look of the `index`-th line of a subplot: colour, dash pattern and marker all change with it (the
+    dashes and markers cycle at different lengths), so presets with near-equal curves stay distinguishable."""
+    return {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
+            "marker": MARKERS[index % len(MARKERS)], "markevery": 1}
+
+
 def plot_curves(runs: list[Run], path: Path) -> None:
     """Test Dice against iteration, one subplot per dataset, one line (mean over seeds) per preset, and a
     band from the seeds' minimum to maximum, at the iterations every seed evaluated."""
@@ -273,6 +284,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     datasets = sorted({d for d, _ in groups}) or ["(no finished runs)"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
     for ax, data in zip(axes[0], datasets):
+        drawn = 0
         for (d, name), curves in sorted(groups.items()):
             if d != data:
                 continue
@@ -280,8 +292,9 @@ def plot_curves(runs: list[Run], path: Path) -> None:
             if not its:
                 continue
             values = [[c[i] for c in curves] for i in its]
-            line, = ax.plot(its, [statistics.fmean(v) for v in values], marker="o", ms=3,
-                            label=f"{name} (n={len(curves)})")
+            line, = ax.plot(its, [statistics.fmean(v) for v in values], ms=4, lw=1.4, mfc="none",
+                            label=f"{name} (n={len(curves)})", **line_style(drawn))
+            drawn += 1
             if len(curves) > 1:
                 ax.fill_between(its, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                                 alpha=0.2, lw=0)

@@ -131,3 +131,12 @@ def test_nothing_to_summarise_is_a_user_error(tmp_path, make):
     with pytest.raises(UserError, match=str(exp)):
         summarize.main([str(exp)])
     assert not (exp / "summary.csv").exists()
+
+
+def test_overlapping_curves_differ_in_dashes_and_markers():
+    from experiments.summarize import line_style
+
+    looks = [line_style(i) for i in range(12)]
+    for a, b in zip(looks, looks[1:]):  # neighbours (near-equal presets sort together) differ in every respect
+        assert a["color"] != b["color"] and a["linestyle"] != b["linestyle"] and a["marker"] != b["marker"]
+    assert len({(s["linestyle"], s["marker"]) for s in looks}) == 12
