@@ -210,6 +210,13 @@ def flags_with(role: str) -> tuple[str, ...]:
     return tuple(name for name, roles in FLAG_ROLES.items() if role in roles)
 
 
+# what a run records and what defines its experiment (engine.run_folder, common.identity), from the roles:
+# the one-shot command keys are never recorded as settings (and refused in a --config file); a run's
+# identity, compared by the sweep and summarize, is every recorded setting but these and the seed
+COMMANDS = flags_with(ONE_SHOT)
+RESULT_NEUTRAL = tuple(dict.fromkeys(COMMANDS + flags_with(UNCOMPARED) + flags_with(LOGISTICS) + ("seed",)))
+
+
 # ---------------------------------------------------------------- YAML
 def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A YAML value converted to what the flag would give, or a FlagError naming `where` (file: key)."""
@@ -234,7 +241,8 @@ def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
                 items = None
         if items is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items) \
                 or (kind is int and not all(float(v).is_integer() for v in items)):
-            raise bad(f"a list of {'integers' if kind is int else 'numbers'}, e.g. [0.5, 0.3]")
+            raise bad("a list of integers, e.g. [8, 8, 16, 16, 32, 8]" if kind is int
+                      else "a list of numbers, e.g. [0.5, 0.3]")
         value = [kind(v) for v in items]
     elif action.type in (int, float):
         if isinstance(value, (bool, list, dict)):
@@ -265,7 +273,11 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     unknown = sorted(str(k) for k in raw if k not in actions)
     if unknown:
         raise FlagError(f"--config {path}: unknown key(s) {unknown}; keys are flag names such as lr, max_ite")
-    return {k: _yaml_value(actions[k], v, f"--config {path}: key {k}") for k, v in raw.items()}
+    acting = [f"{k}: {raw[k]}" for k in COMMANDS if k != "config" and raw.get(k) not in (None, False)]
+    if acting:  # e.g. a resumed run's config.yaml: reusing it must start a new run, never resume the old one
+        raise FlagError(f"--config {path}: {', '.join(acting)} is a command, not a setting; remove it from the file "
+                        f"and pass the command on the command line (e.g. --resume --ckpt_path RUN)")
+    return {k: _yaml_value(actions[k], v, f"--config {path}: key {k}") for k, v in raw.items() if k not in COMMANDS}
 
 
 # ---------------------------------------------------------------- ranges
@@ -297,6 +309,10 @@ def check_args(args: argparse.Namespace) -> None:
         above = hi is not None and (v > hi if hi_ok else v >= hi)
         if below or above:
             raise FlagError(f"--{name} {v}: expected a value {_range_text(lo, lo_ok, hi, hi_ok)}", name)
+    name = args.run_name
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name):
+        raise FlagError(f"--run_name {name!r}: expected one folder name (no '/', no '..'); the run goes to "
+                        "EXP/<seed>/<data>/<run_name>_<timestamp>", "run_name")
     if len(args.features) != 6 or min(args.features) < 1:
         raise FlagError(f"--features {args.features}: expected 6 positive widths, e.g. 8,8,16,16,32,8", "features")
     spec = load_spec(args.data)  # an unknown name or a bad spec file fails here, naming it

@@ -5,6 +5,7 @@
     python run.py --resume --ckpt_path RUN [--max_ite N]                     # continue a run in its folder
     python run.py predict --ckpt_path RUN --input DIR --out DIR              # masks for new images
     python run.py sweep --presets kvasir_* --seeds 0,1,2 --root ROOT --exp_path EXP   # presets x seeds
+    python run.py sweep ... --launcher slurm [--slurm_partition P ...]       # the same as a Slurm job array
     python run.py summarize EXP                                              # mean ± std table and curves
     python run.py --demo                                                     # synthetic end-to-end demo
 

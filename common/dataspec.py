@@ -179,6 +179,40 @@ def parse_spec(raw, source) -> DataSpec:
                     heatmap_canvas=canvas, heatmap_sigma=sigma, crf=crf, thresholds=table, source=str(source))
 
 
+def spec_record(spec: DataSpec) -> dict:
+    """Every key of a resolved spec as a mapping `parse_spec` accepts: what a run records of its dataset."""
+    norm = spec.normalization
+    if not isinstance(norm, str):
+        norm = {"mean": list(norm[0]), "std": list(norm[1])}
+    return {"name": spec.name, "image_ext": spec.image_ext, "mask_ext": spec.mask_ext, "gaze_ext": spec.gaze_ext,
+            "in_channels": spec.in_channels, "normalization": norm,
+            "heatmap": {"canvas": spec.heatmap_canvas, "sigma": spec.heatmap_sigma},
+            "crf": dict(spec.crf) if spec.crf is not None else None,
+            "thresholds": {int(k): list(v) for k, v in sorted(spec.thresholds.items())}}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml_unique(text: str):
+    """yaml.safe_load, but a duplicated key in a mapping is a yaml.YAMLError naming the key and line."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 _CACHE: Dict[Path, DataSpec] = {}
 
 
@@ -189,8 +223,11 @@ def load_spec(data) -> DataSpec:
     path = spec_path(data).resolve()
     if path not in _CACHE:
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = load_yaml_unique(path.read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise SpecError(f"{path}: cannot read the dataset spec: {' '.join(str(e).split())}") from None
+            mark = getattr(e, "problem_mark", None)
+            why = f"{e.problem} at line {mark.line + 1}" if mark is not None and getattr(e, "problem", None) \
+                else " ".join(str(e).split())
+            raise SpecError(f"{path}: cannot read the dataset spec: {why}") from None
         _CACHE[path] = parse_spec(raw, path)
     return _CACHE[path]

@@ -11,6 +11,14 @@ class UserError(ValueError):
     """A user-fixable problem (bad flag, file or value); the message names it and what was expected."""
 
 
+class UserErrors(UserError):
+    """Several independent problems found before anything started: one `error:` line each."""
+
+    def __init__(self, problems: List[str]):
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
 USAGE_EXIT = 2
 INTERRUPTED_EXIT = 130  # a run stopped by SIGINT/SIGTERM after saving model_latest.pth (as the shell's 128+2)
 
@@ -29,7 +37,8 @@ def one_line(e) -> str:
 def report_user_error(e, prog: str = "") -> int:
     """Print `error: <one line>` (prefixed with `prog: ` when given) to stderr; return the exit status 2."""
     prefix = f"{prog}: " if prog else ""
-    print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
+    for problem in getattr(e, "problems", None) or [e]:
+        print(f"{prefix}error: {one_line(problem)}", file=sys.stderr)
     return USAGE_EXIT
 
 

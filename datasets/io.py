@@ -14,8 +14,18 @@ class DataError(UserError):
 def _require(path: Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"file not found: {path}")
+        raise DataError(f"file not found: {path}{other_extension(path)}")
     return path
+
+
+def other_extension(path: Path) -> str:
+    """A hint when the file exists with another extension (a .png where the dataset spec says .jpg)."""
+    import glob
+    others = sorted(Path(p).name for p in glob.glob(glob.escape(str(path.with_suffix(""))) + ".*"))
+    if not others or path.is_dir():
+        return ""
+    return (f" (there is {others[0]}: the dataset spec expects {path.suffix} files; give --data a spec whose "
+            f"image_ext / mask_ext / gaze_ext match the files)")
 
 
 def read_dicom(path) -> np.ndarray:

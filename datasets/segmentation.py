@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.dataspec import DataSpec, load_spec
-from datasets.io import DataError, image_size, read_gray, read_ids, read_image
+from datasets.io import DataError, image_size, other_extension, read_gray, read_ids, read_image
 
 
 def data_spec(data) -> DataSpec:
@@ -90,11 +90,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         for i in range(len(self.ids)):
             image = self.image_path(i)
             if not image.is_file():
-                raise DataError(f"image not found: {image}")
+                raise DataError(f"image not found: {image}{other_extension(image)}")
             other = self.gaze_path(i) if self.uses_gaze() else self.mask_path(i)
             if not other.is_file():
                 kind = "gaze map" if self.uses_gaze() else "mask"
-                raise DataError(f"{kind} not found: {other}" + (
+                raise DataError(f"{kind} not found: {other}{other_extension(other)}" + (
                     " (make gaze maps with: python -m gaze --csv FIXATIONS.csv --root ROOT --data DATA)"
                     if self.uses_gaze() else ""))
             if image_size(image) != image_size(other):

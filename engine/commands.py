@@ -12,12 +12,16 @@ from engine.restore import restore, restored_model
 from engine.run_folder import (
     LOG_SLACK_BYTES,
     RunError,
-    SafeWriter,
     attach_log_file,
     check_exp_path,
+    check_resume_exp_path,
     create_run_dir,
     expected_run_bytes,
+    lock_run,
+    log_file_only,
     metrics_table,
+    open_tensorboard,
+    release_locks,
     save_config,
     setup_logger,
     write_json,
@@ -132,6 +136,10 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     restored = None
     if args.resume:
         restored, args = restore_run(args, explicit, "resume")
+        if restored.run_dir is not None:
+            check_resume_exp_path(restored.run_dir, explicit)
+            if dist_ctx.is_main:  # before anything in the folder changes; held until the process ends
+                lock_run(restored.run_dir)
         check_resume_point(restored, args)
     if args.method == "gaze_sup" and not args.thresholds:  # the run records the thresholds it uses, not null
         args.thresholds = level_thresholds(args.data, args.num_levels)
@@ -149,18 +157,19 @@ def run_train(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     if restored:
         trainer.load_state(restored)
     trainer.run_dir = open_run_dir(args, dist_ctx, log, existing=existing)
+    if dist_ctx.is_main and existing is None:
+        lock_run(trainer.run_dir)
     writer = None
     if dist_ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
         if existing:
             trim_losses(existing, trainer.iteration)
         # purge_step: TensorBoard drops the events of a previous attempt after the resumed iteration
         purge = trainer.iteration + 1 if existing else None
-        writer = trainer.writer = SafeWriter(SummaryWriter(str(trainer.run_dir), purge_step=purge), log)
+        writer = trainer.writer = open_tensorboard(trainer.run_dir, purge, log)
     try:
         summary = trainer.fit()
-    except BaseException as e:  # the run's log.txt says how it ended
-        log.error(f"error: {one_line(e) or type(e).__name__}")
+    except BaseException as e:  # the run's log.txt says how it ended (the console gets the line from run.cli)
+        log_file_only(log, f"error: {one_line(e) or type(e).__name__}")
         raise
     finally:
         if writer is not None:
@@ -177,4 +186,5 @@ def run(args: Namespace, explicit: dict, local_rank: int) -> int:
             return run_test(args, explicit, device, dist_ctx)
         return run_train(args, explicit, device, dist_ctx)
     finally:
+        release_locks()
         cleanup_distributed()

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from common.dataspec import builtin_specs, load_spec
-from common.errors import OneLineParser, UserError, command_name, report_user_error
+from common.errors import OneLineParser, UserError, command_name, one_line, report_user_error
 from datasets.io import DataError, read_image
 from datasets.segmentation import data_spec, image_size, normalized_image, resize
 from engine.device import pick_device
@@ -191,6 +191,8 @@ def resolve_config(args, ckpt_path) -> Restored:
 def load_model(ckpt_path, args, device: torch.device):
     """(model in eval mode on `device`, resolved settings). Errors name the checkpoint."""
     restored = resolve_config(args, ckpt_path)
+    for note in restored.notes:  # e.g. the spec file changed since the run: the recorded spec is used
+        print(f"note: {note}")
     return restored_model(restored).to(device).eval(), restored.config
 
 
@@ -208,14 +210,23 @@ def probability(model: torch.nn.Module, x: torch.Tensor, size: tuple) -> torch.T
 
 def predict_files(model, cfg: dict, files: List[Path], out: Path, device: torch.device, threshold: float = 0.5,
                   save_prob: bool = False, quiet: bool = True) -> List[Path]:
-    """Write mask / overlay (/ prob) PNGs for each file; returns the written paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write mask / overlay (/ prob) PNGs for each file; returns the written paths. OUT is created with the
+    first output (a first image that cannot be predicted leaves nothing behind); a later image that fails is a
+    UserError saying which images were written."""
     written = []
-    for f in files:
-        image = read_image(f)
-        x = prepare(image, cfg["data"], cfg["spatial_size"], f).to(device)
+    for k, f in enumerate(files):
+        try:
+            image = read_image(f)
+            x = prepare(image, cfg["data"], cfg["spatial_size"], f).to(device)
+        except UserError as e:
+            if not k:
+                raise
+            raise UserError(f"{one_line(e)}; stopped there: the {k} image(s) before it ({files[0].name} to "
+                            f"{files[k - 1].name}) were written to {out}, the {len(files) - k} from it on were "
+                            "not") from None
         prob = probability(model, x, image.shape[:2]).numpy()
         mask = prob > threshold
+        out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"{f.stem}_mask.png", out / f"{f.stem}_overlay.png"]
         Image.fromarray(mask.astype(np.uint8) * 255).save(paths[0])
         Image.fromarray(overlay(to_uint8_rgb(image), mask)).save(paths[1])
@@ -245,5 +256,5 @@ def main(argv=None) -> int:
         print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
         return 2
     print(f"{len(files)} image(s) -> {len(written)} files in {args.out} "
-          f"({cfg['method']}, {cfg['data']}, {cfg['spatial_size']} px, device {device})")
+          f"({cfg['method']}, {data_spec(cfg['data']).name}, {cfg['spatial_size']} px, device {device})")
     return 0

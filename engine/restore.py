@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import yaml
 
-from engine.run_folder import RunError, resolve_checkpoint
+from common.dataspec import DataSpec, SpecError, load_spec, parse_spec, spec_path, spec_record
+from engine.run_folder import RunError, read_recorded_spec, resolve_checkpoint
 from models.checkpoint import (
     checkpoint_state_dict,
     infer_model_args,
@@ -58,6 +59,45 @@ class Restored:
     run_dir: Path | None = None  # the run folder holding the checkpoint (with a config.yaml), if any
     recorded: bool = True  # False: a paper-format checkpoint (settings from the flags)
     notes: list[str] = field(default_factory=list)  # what the flags overrode, for the log
+    spec: DataSpec | None = None  # the dataset spec the run recorded (config["data"] is then this spec)
+
+
+def check_record_agrees(saved: dict, args: dict, run_dir: Path, path: Path) -> None:
+    """config.yaml and the checkpoint record the same run: a hand edit of config.yaml (e.g. lr) would
+    otherwise be overwritten (or half applied) without a word. Flags that --resume may change and command
+    keys are not compared (an older checkpoint of the run may have seen another --max_ite)."""
+    ignore = set(COMMAND_KEYS) | set(SAFE["resume"])
+    differ = [f"{k}: config.yaml {saved[k]!r}, checkpoint {args[k]!r}" for k in sorted(saved.keys() & args.keys())
+              if k not in ignore and saved[k] != args[k]]
+    if differ:
+        raise RunError(f"{run_dir / 'config.yaml'} disagrees with {path} (was it edited?): {'; '.join(differ)}. "
+                       f"The checkpoint's settings are the run's; undo the edit, or start a new run with "
+                       f"--config {run_dir / 'config.yaml'} and the change")
+
+
+def recorded_spec(ckpt: dict, run_dir: Path | None, data, command: str, source: Path) -> tuple:
+    """(the DataSpec the run recorded or None, notes): the checkpoint's copy, else RUN/data_spec.yaml.
+    The spec file the run named may have changed since: --test and predict say so and use the record,
+    --resume refuses (one run would be trained on two datasets)."""
+    raw = ckpt.get("data_spec") if isinstance(ckpt.get("data_spec"), dict) else None
+    if raw is None and run_dir is not None:
+        raw = read_recorded_spec(run_dir)
+    if raw is None:
+        return None, []
+    spec = parse_spec(raw, data)
+    try:
+        now = spec_record(load_spec(data))
+        where = spec_path(data)
+    except SpecError:  # the file is gone or unreadable: the record is all a later command needs
+        return spec, []
+    if now == raw:
+        return spec, []
+    changed = ", ".join(f"{k}" for k in raw if raw.get(k) != now.get(k))
+    if command == "resume":
+        raise RunError(f"{source}: the dataset spec {where} changed since the run recorded it ({changed}); "
+                       f"resuming would train one run on two datasets. Restore the file (the run's copy is "
+                       f"{run_dir / 'data_spec.yaml' if run_dir else 'in the checkpoint'}) or start a new run")
+    return spec, [f"the dataset spec {where} changed since the run recorded it ({changed}); using the recorded spec"]
 
 
 def read_record(path: Path, ckpt: dict) -> tuple:
@@ -70,6 +110,8 @@ def read_record(path: Path, ckpt: dict) -> tuple:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise RunError(f"{run_dir / 'config.yaml'}: cannot read the run's settings ({e})") from None
         if isinstance(saved, dict):
+            if record is not None:
+                check_record_agrees(saved, record, run_dir, path)
             record = {**saved, **(record or {})}
     return record, run_dir
 
@@ -80,14 +122,18 @@ def merge_flags(record: dict[str, Any], explicit: dict[str, Any], command: str, 
     for key, value in explicit.items():
         if key in COMMAND_KEYS or record.get(key) == value:
             continue
+        if key == "data" and isinstance(record.get("data"), DataSpec) and value is not None \
+                and spec_record(load_spec(value)) == spec_record(record["data"]):
+            continue  # the same spec, by another path (relative, absolute) or a copy
+        shown = record.get(key).source if isinstance(record.get(key), DataSpec) else record.get(key)
         if key in SAFE[command]:
-            notes.append(f"--{key} {value} (the run recorded {record.get(key)})")
+            notes.append(f"--{key} {value} (the run recorded {shown})")
             config[key] = value
         elif command != "resume" and key not in EVALUATION_KEYS:
-            notes.append(f"--{key} {value} ignored: it does not change an evaluation (the run recorded "
-                         f"{record.get(key)})")
+            notes.append(f"--{key} {value} ignored: it does not change an evaluation (the run recorded {shown})")
         else:
-            refused.append(f"--{key} {value} (the run recorded {record.get(key)})")
+            what = "a dataset spec with other content" if key == "data" else shown
+            refused.append(f"--{key} {value} (the run recorded {what})")
     if refused:
         allowed = ", ".join(f"--{k}" for k in SAFE[command])
         raise RunError(f"{source}: the run's settings come from what it recorded, and these flags differ from it: "
@@ -110,8 +156,11 @@ def restore(ckpt_path, explicit: dict[str, Any], command: str, defaults: dict[st
     state = checkpoint_state_dict(ckpt, path)  # refuses a missing state dict and non-finite weights
     record, run_dir = read_record(path, ckpt)
     if record is not None:
+        spec, spec_notes = recorded_spec(ckpt, run_dir, record.get("data"), command, path)
+        if spec is not None:
+            record["data"] = spec
         config, notes = merge_flags({**defaults, **record}, explicit, command, path)
-        return Restored(path, ckpt, state, config, run_dir, True, notes)
+        return Restored(path, ckpt, state, config, run_dir, True, spec_notes + notes, spec)
     inferred = infer_model_args(state)
     clash = [f"--{k} {explicit[k]} (the weights say {inferred[k]})" for k in SHAPE_KEYS
              if k in explicit and k in inferred and explicit[k] != inferred[k]]
@@ -135,15 +184,21 @@ def make_model(config: dict[str, Any]) -> torch.nn.Module:
     return build_model(**shape, propagation=config.get("propagation") or "torch")
 
 
+def load_restored_weights(model: torch.nn.Module, restored: Restored) -> None:
+    """The checkpoint's weights into `model`; weights that do not fit are one RunError naming the file and the
+    model's shape (--test, predict and --resume alike)."""
+    try:
+        load_model_state(model, restored.state_dict, restored.path)
+    except ValueError as e:
+        shape = ", ".join(f"{k}={restored.config.get(k)}" for k in SHAPE_KEYS)
+        raise RunError(f"incompatible checkpoint for a model with {shape}:\n  {e}") from None
+
+
 def restored_model(restored: Restored) -> torch.nn.Module:
     """The model of `restored` with its checkpoint's weights (on the CPU), for evaluation; a mismatch names the file.
 
     Evaluation never runs the feature propagation, so the model is built with the torch one: a run trained
     with --propagation triton evaluates on a machine without CUDA."""
     model = make_model({**restored.config, "propagation": "torch"})
-    try:
-        load_model_state(model, restored.state_dict, restored.path)
-    except ValueError as e:
-        shape = ", ".join(f"{k}={restored.config.get(k)}" for k in SHAPE_KEYS)
-        raise RunError(f"incompatible checkpoint for a model with {shape}:\n  {e}") from None
+    load_restored_weights(model, restored)
     return model

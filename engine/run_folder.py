@@ -1,16 +1,22 @@
-"""The run folder: EXP/<seed>/<data>/<run_id>_<timestamp>/ with log.txt, config.yaml, metrics.json,
-losses.csv, TensorBoard events and checkpoints. Nothing here is ever overwritten by a new run."""
+"""The run folder: EXP/<seed>/<data>/<run_id>_<timestamp>/ with log.txt, config.yaml, data_spec.yaml,
+metrics.json, losses.csv, TensorBoard events and checkpoints. Nothing here is ever overwritten by a new run.
+A run's identity (what the sweep and summarize compare) is common.identity.run_identity."""
+import fcntl
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
+from common.dataspec import DataSpec, load_spec, spec_record
 from common.errors import UserError
 from common.files import write_json, write_text_atomic  # noqa: F401  (write_json re-exported for the engine)
+from common.identity import SPEC_FILE, read_recorded_spec  # noqa: F401  (re-exported for the engine)
+from parse_args import COMMANDS
 
 LOG_SLACK_BYTES = 64 * 1024 ** 2  # logs, losses.csv, TensorBoard events, predictions of a small split
 
@@ -45,6 +51,88 @@ def data_name(args) -> str:
     return load_spec(args.data).name
 
 
+def recorded_settings(args) -> dict:
+    """What config.yaml (and a checkpoint's "args") records: every setting, no one-shot command key; the
+    dataset as given at training (a spec file by its absolute path)."""
+    settings = {k: v for k, v in vars(args).items() if k not in COMMANDS}
+    data = settings.get("data")
+    if isinstance(data, DataSpec):  # a later command runs on the spec the run recorded
+        settings["data"] = data.source
+    elif data is not None and (str(data).endswith((".yaml", ".yml")) or "/" in str(data)):
+        settings["data"] = str(Path(data).absolute())
+    return settings
+
+
+def data_spec_of(args) -> dict:
+    """The resolved dataset spec of the settings (every key), as recorded in RUN/data_spec.yaml."""
+    return spec_record(load_spec(args.data))
+
+
+class RunLock:
+    """RUN/.lock, held (fcntl.flock) by the one process that trains in RUN, for its whole life; it holds that
+    process's pid. Taken once at start (nothing per iteration); the kernel drops it when the process ends,
+    however it ends, so a stale lock of a dead process is simply taken over. --test and predict only read
+    and never take it."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot lock the run folder {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"{self.path.parent} is in use: another process (pid {holder}) trains in it; wait for "
+                           f"it to end (--test and predict may read the run meanwhile)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+_LOCKS: list = []  # the run folder locks this process holds (the kernel releases them when it exits)
+
+
+def lock_run(run_dir: Path) -> None:
+    _LOCKS.append(RunLock(run_dir).acquire())
+
+
+def check_resume_exp_path(run_dir: Path, explicit: dict) -> None:
+    """--resume continues a run in its own folder: an --exp_path elsewhere is refused, not ignored."""
+    exp = explicit.get("exp_path")
+    if exp is None or (Path(exp).resolve() in run_dir.resolve().parents):
+        return
+    raise RunError(f"--exp_path {exp}: --resume continues the run in its own folder {run_dir}; to continue it "
+                   f"elsewhere, copy the folder there and resume the copy")
+
+
+def release_locks() -> None:
+    while _LOCKS:
+        _LOCKS.pop().release()
+
+
+def log_file_only(log, text: str) -> None:
+    """`text` into the run's log.txt only: `cli` prints the one error line on the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def check_exp_path(exp_path, need_bytes: int) -> None:
     """Before anything is created: --exp_path can be made writable and its disk holds `need_bytes`."""
     path = Path(exp_path).absolute()
@@ -56,8 +144,9 @@ def check_exp_path(exp_path, need_bytes: int) -> None:
         raise RunError(f"cannot write to --exp_path {exp_path}: {existing} {what}")
     free = shutil.disk_usage(existing).free
     if free < need_bytes:
+        hint = " (fewer with a larger --save_step)" if need_bytes > 4 * LOG_SLACK_BYTES else ""
         raise RunError(f"only {free / 1024 ** 2:.0f} MiB free under {existing}; this run's checkpoints and logs "
-                       f"need about {need_bytes / 1024 ** 2:.0f} MiB (fewer with a larger --save_step)")
+                       f"need about {need_bytes / 1024 ** 2:.0f} MiB{hint}")
 
 
 def expected_run_bytes(checkpoint_bytes: int, args) -> int:
@@ -123,9 +212,33 @@ def setup_logger(run_dir: Path | None = None, quiet: bool = False, rank: int = 0
     return logger
 
 
+class _LogFile(logging.FileHandler):
+    """RUN/log.txt; a failing write (a full disk...) warns once on the console and the file is no longer
+    written (instead of a "--- Logging error ---" traceback for every later line)."""
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def close(self):
+        try:  # the last flush on a full disk: already warned about
+            super().close()
+        except OSError:
+            pass
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            e = sys.exc_info()[1]
+            print(f"warning: cannot write {self.baseFilename} ({e}); the log goes on on the console only, "
+                  "training goes on", file=sys.stderr, flush=True)
+
+
 def attach_log_file(logger: logging.Logger, run_dir: Path) -> None:
     """Send the logger to RUN/log.txt (appending: a resumed run continues its log), with what was buffered."""
-    handler = logging.FileHandler(run_dir / "log.txt", mode="a")
+    handler = _LogFile(run_dir / "log.txt", mode="a")
     handler.setFormatter(FORMAT)
     for buffer in [h for h in logger.handlers if isinstance(h, _Buffer)]:
         for record in buffer.records:
@@ -135,7 +248,21 @@ def attach_log_file(logger: logging.Logger, run_dir: Path) -> None:
 
 
 def save_config(args, run_dir: Path) -> None:
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(vars(args), sort_keys=False))
+    """RUN/config.yaml (the settings, usable as --config of a new run) and RUN/data_spec.yaml (the resolved
+    dataset spec: later commands use it, not the spec file, which may have changed since)."""
+    write_text_atomic(run_dir / SPEC_FILE, yaml.safe_dump(data_spec_of(args), sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(recorded_settings(args), sort_keys=False))
+
+
+def open_tensorboard(run_dir: Path, purge_step, log: logging.Logger) -> "SafeWriter":
+    """The run's TensorBoard writer; a disk already full when it opens warns once (training goes on)."""
+    from torch.utils.tensorboard import SummaryWriter
+    try:
+        return SafeWriter(SummaryWriter(str(run_dir), purge_step=purge_step), log)
+    except OSError as e:
+        writer = SafeWriter(None, log)
+        writer._fail(e)
+        return writer
 
 
 class SafeWriter:
@@ -143,18 +270,40 @@ class SafeWriter:
 
     def __init__(self, writer, log: logging.Logger):
         self._writer, self._log, self.failed = writer, log, False
+        self._lock = threading.Lock()
+        # TensorBoard writes from its own thread: a failure there would print a traceback; it warns once instead
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_failed
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            if self.failed:
+                return
+            self.failed = True
+        self._log.warning(f"warning: TensorBoard logging stopped ({e}); training goes on")
+
+    def _thread_failed(self, hook_args) -> None:
+        if isinstance(hook_args.exc_value, OSError) and "AsyncWriter" in type(hook_args.thread).__name__:
+            self._fail(hook_args.exc_value)
+        else:
+            self._previous_hook(hook_args)
 
     def __getattr__(self, name):
-        method = getattr(self._writer, name)
+        if name.startswith("_"):
+            raise AttributeError(name)
 
         def call(*args, **kwargs):
             if self.failed:
+                if name == "close":
+                    threading.excepthook = self._previous_hook
                 return None
             try:
-                return method(*args, **kwargs)
+                return getattr(self._writer, name)(*args, **kwargs)
             except OSError as e:
-                self.failed = True
-                self._log.warning(f"warning: TensorBoard logging stopped ({e}); training goes on")
+                self._fail(e)
+            finally:
+                if name == "close":
+                    threading.excepthook = self._previous_hook
         return call
 
 

@@ -17,10 +17,10 @@ from datasets.segmentation import SegmentationDataset, level_thresholds
 from engine import restore
 from engine.distributed import DistContext
 from engine.evaluate import TestData, autocast, evaluate
-from engine.run_folder import RunError, metrics_table, write_json, write_rows_csv
+from engine.run_folder import RunError, data_spec_of, metrics_table, recorded_settings, write_json, write_rows_csv
 from engine.visualize import log_images
 from losses import full_sup_loss, gaze_sup_loss
-from models.checkpoint import load_model_state, save_checkpoint
+from models.checkpoint import save_checkpoint
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -157,10 +157,20 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signal is not None:
+            self.ignore_from_now()  # raised once: a third signal during the unwinding is ignored
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self.signal = signal.Signals(signum).name
 
+    def ignore_from_now(self) -> None:
+        """The process is on its way out (status 130, one line): later signals must not kill it. SIG_IGN, not a
+        Python handler, as Python puts its handlers back to the default while it shuts down."""
+        for sig in self._old:
+            signal.signal(sig, signal.SIG_IGN)
+
     def __exit__(self, *exc):
+        if self.signal is not None:  # stopping after a checkpoint
+            self.ignore_from_now()
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
@@ -215,6 +225,7 @@ class Trainer:
         self._preview = None  # training images shown in TensorBoard
         self._log_clock = None  # (time, iteration) of the last log line, for ms/it
         self._losses_failed = False
+        self.data_spec = data_spec_of(args)  # recorded in every checkpoint (read once, not per save)
         self.steps_per_epoch = len(self.batches)
         self.total_epoch = args.max_ite // self.steps_per_epoch + 1
 
@@ -253,7 +264,7 @@ class Trainer:
                 "best_performance": self.best, "best_iteration": self.best_iteration,
                 "scaler": self.scaler.state_dict(), "history": self.history,
                 "loss_window": windows, "train_seconds": self.train_seconds(),
-                "args": {k: v for k, v in vars(self.args).items()}}
+                "args": recorded_settings(self.args), "data_spec": self.data_spec}
 
     def save(self, name: str) -> None:
         """Rank 0 writes `name` atomically; refuses non-finite weights so a diverged run never replaces
@@ -266,11 +277,12 @@ class Trainer:
             raise RunError(f"the weights are not finite at iteration {self.iteration} ({len(bad)} tensors, e.g. "
                            f"{bad[0]}); {name} not written, the last good checkpoint is kept in {self.run_dir}. "
                            f"Try a lower --lr or --amp none.")
+        path = self.run_dir / name
+        kept = f"the previous {name} is intact" if path.is_file() else f"no earlier {name} was written"
         try:
-            save_checkpoint(self.run_dir / name, self.state(windows))
+            save_checkpoint(path, self.state(windows))
         except OSError as e:
-            raise RunError(f"cannot write checkpoint {self.run_dir / name} at iteration {self.iteration}: {e}; "
-                           f"the previous {name} (if any) is intact") from e
+            raise RunError(f"cannot write checkpoint {path} at iteration {self.iteration}: {e}; {kept}") from e
 
     def train_seconds(self) -> float:
         """Wall time of training so far, over every segment of a resumed run."""
@@ -292,7 +304,10 @@ class Trainer:
         """Continue from a checkpoint (an engine.restore.Restored): weights, optimizer, scaler, iteration, best,
         history, loss window."""
         ckpt, path = restored.ckpt, restored.path
-        load_model_state(self.model, restored.state_dict, path)
+        restore.load_restored_weights(self.model, restored)
+        if not ckpt.get("opt"):
+            raise RunError(f"{path} holds no optimizer state ('opt'): an exact resume needs it (a fresh optimizer "
+                           f"would silently change the run). Start a new run instead")
         try:
             if ckpt.get("opt"):
                 self.optimizer.load_state_dict(ckpt["opt"])
@@ -343,7 +358,10 @@ class Trainer:
         if self.val_data is not None:
             select, _ = self.evaluate(self.val_data)
             entry["val"] = select
-        self.history.append(entry)
+        if self.history and self.history[-1].get("iteration") == self.iteration:
+            self.history[-1] = entry  # a finished run resumed at max_ite: evaluated again, recorded once
+        else:
+            self.history.append(entry)
         improved = select[self.main_metric] > self.best
         if improved:
             self.best, self.best_iteration = select[self.main_metric], self.iteration

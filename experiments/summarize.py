@@ -21,8 +21,11 @@ import yaml
 
 from common.errors import OneLineParser, UserError, command_name
 from common.files import atomic_path, write_text_atomic
+from common.identity import differing_keys, identity_value, read_recorded_spec, run_identity
+from parse_args import RESULT_NEUTRAL
 
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
+_EVALUATION = re.compile(r"_test_\d{8}-\d{6}(-\d+)?$")  # the folder --test writes (engine.run_folder)
 
 
 class SummaryError(UserError):
@@ -46,10 +49,54 @@ class Run:
     reason: str = ""
     metrics: dict | None = None
     config: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)  # common.identity.run_identity: what defines the experiment
 
     @property
-    def key(self) -> tuple[str, str]:
-        return self.data, self.run_name
+    def key(self) -> tuple[str, str, str]:
+        """(data, run_name, identity): runs of one row. Runs that share a name but not their settings differ."""
+        return self.data, self.run_name, json.dumps(self.identity, sort_keys=True, default=str)
+
+
+_DEFAULTS: dict = {}
+
+
+def default_settings() -> dict:
+    """Every flag's default (a run recorded before a flag existed ran with its default)."""
+    if not _DEFAULTS:
+        from parse_args import build_parser
+        _DEFAULTS.update(vars(build_parser().parse_args([])))
+    return _DEFAULTS
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def malformed_metrics(metrics) -> str:
+    """Why metrics.json cannot be summarised ('' when it can): the numbers the table reads must be numbers."""
+    if not isinstance(metrics, dict):
+        return "not a mapping"
+    if not isinstance(metrics.get("final_iteration"), int) or isinstance(metrics.get("final_iteration"), bool):
+        return f"final_iteration {metrics.get('final_iteration')!r} is not an integer"
+    if not _is_number(_get(metrics, "final", "mdice")):
+        return f"final.mdice {_get(metrics, 'final', 'mdice')!r} is not a number"
+    for keys in (("train_seconds",), ("final", "miou"), ("final", "mhd95"), ("best", "test", "mdice"),
+                 ("best", "test", "miou")):
+        v = _get(metrics, *keys)
+        if v is not None and not _is_number(v):
+            return f"{'.'.join(keys)} {v!r} is not a number"
+    if not isinstance(metrics.get("history") or [], list):
+        return "history is not a list"
+    return ""
+
+
+def malformed_config(config: dict) -> str:
+    """Why config.yaml cannot identify a run ('' when it can)."""
+    for key in ("max_ite", "seed"):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"config.yaml: {key} {v!r} is not an integer"
+    return ""
 
 
 def last_logged_iteration(run_dir: Path) -> int | None:
@@ -73,10 +120,14 @@ def read_run(run_dir: Path) -> Run:
         why = config if isinstance(config, str) else "config.yaml: not a mapping of flags"
         return Run(run_dir, data, _STAMP.sub("", run_dir.name), None, None, "unreadable", why)
     name = config.get("run_name") or _STAMP.sub("", run_dir.name)
+    why = malformed_config(config)
+    if why:
+        return Run(run_dir, data, str(name), None, None, "unreadable", why)
     seed = config.get("seed")
     max_ite = config.get("max_ite")
-    run = Run(run_dir, data, str(name), seed, max_ite, "unfinished", config=config)
-    if config.get("test"):
+    identity = run_identity(config, read_recorded_spec(run_dir), default_settings(), RESULT_NEUTRAL)
+    run = Run(run_dir, data, str(name), seed, max_ite, "unfinished", config=config, identity=identity)
+    if config.get("test") or _EVALUATION.search(run_dir.name):
         run.status, run.reason = "evaluation", "a --test folder"
         return run
     mpath = run_dir / "metrics.json"
@@ -87,11 +138,14 @@ def read_run(run_dir: Path) -> Run:
         return run
     try:
         metrics = json.loads(mpath.read_text())
-        final_iteration = int(metrics["final_iteration"])
-        float(metrics["final"]["mdice"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         run.status, run.reason = "unreadable", f"metrics.json: {type(e).__name__} {e}"
         return run
+    why = malformed_metrics(metrics)
+    if why:
+        run.status, run.reason = "unreadable", f"metrics.json: {why}"
+        return run
+    final_iteration = metrics["final_iteration"]
     run.metrics = metrics
     if max_ite is not None and final_iteration < int(max_ite):
         run.status, run.reason = "stopped_early", f"final_iteration {final_iteration} < max_ite {max_ite}"
@@ -149,15 +203,18 @@ COLUMNS = {
 
 
 def aggregate(runs: list[Run]) -> list[dict]:
-    """One row per (data, run_name) over its finished runs: n, seeds, mean and std of every column."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+    """One row per experiment (data, run_name and every setting that can change results) over its finished
+    runs: n, seeds, mean and std of every column; `settings` says how rows that share a name differ."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         if run.status == "finished":
             groups.setdefault(run.key, []).append(run)
     rows = []
-    for (data, name), group in sorted(groups.items()):
+    for (data, name, _), group in sorted(groups.items()):
         group.sort(key=lambda r: (r.seed if isinstance(r.seed, int) else 0))
         row = {"data": data, "preset": name, "n": len(group), "seeds": " ".join(str(r.seed) for r in group),
+               "settings": distinguishing_settings(group[0], [g[0] for k, g in groups.items()
+                                                               if k[:2] == (data, name)]),
                "best_iteration": " ".join(str(_get(r.metrics, "best", "iteration")) for r in group),
                "selected_on": "/".join(sorted({str(_get(r.metrics, "best", "selected_on")) for r in group})),
                "final_iteration": " ".join(sorted({str(r.metrics["final_iteration"]) for r in group})),
@@ -168,6 +225,13 @@ def aggregate(runs: list[Run]) -> list[dict]:
             row[f"{col}_n"] = sum(v is not None and math.isfinite(float(v)) for v in values)
         rows.append(row)
     return rows
+
+
+def distinguishing_settings(run: Run, same_name: list[Run]) -> str:
+    """How `run`'s experiment differs from the others of the same name: `key value` for every setting on which
+    they disagree ('' when the name is unique)."""
+    keys = sorted({k for other in same_name if other is not run for k in differing_keys(run.identity, other.identity)})
+    return ", ".join(f"{k} {identity_value(run.identity, k)}" for k in keys)
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -186,12 +250,12 @@ def _pm(row: dict, col: str, digits: int = 2) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (mean ± sample std over seeds)."""
-    head = ["data", "preset", "n", "seeds", "final Dice %", "best Dice %", "best selected on", "final IoU %",
-            "best IoU %", "final HD95 px", "train min", "card"]
+    head = ["data", "preset", "settings", "n", "seeds", "final Dice %", "best Dice %", "best selected on",
+            "final IoU %", "best IoU %", "final HD95 px", "train min", "card"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["data"], r["preset"], str(r["n"]), r["seeds"], _pm(r, "final_dice"), _pm(r, "best_dice"),
-                 r["selected_on"], _pm(r, "final_iou"), _pm(r, "best_iou"), _pm(r, "final_hd95"),
+        cells = [r["data"], r["preset"], r["settings"] or "-", str(r["n"]), r["seeds"], _pm(r, "final_dice"),
+                 _pm(r, "best_dice"), r["selected_on"], _pm(r, "final_iou"), _pm(r, "best_iou"), _pm(r, "final_hd95"),
                  _pm(r, "train_minutes", 1), r["card"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -213,7 +277,9 @@ def summary_markdown(rows: list[dict], runs: list[Run], exp: Path) -> str:
               "after the last iteration. *best*: the test metrics of the checkpoint selected during training "
               "(`model_best.pth`) on the split in *best selected on*: `test` as in the paper, `val` for runs with "
               "`--val_fraction`. HD95 is computed at the last iteration only. *train min*: `train_seconds` of "
-              "metrics.json.")
+              "metrics.json. Runs are averaged only with runs of the same experiment: the same dataset spec and every "
+              "setting that can change results (all but the seed, the run's name and place, the device, workers and "
+              "logging/saving steps). *settings*: how rows of one preset name differ; `-` when the name is unique.")
     parts = [f"# Summary of {exp}", "", legend, "", markdown_table(rows)]
     rest = not_averaged_table(runs, exp)
     if rest:
@@ -226,7 +292,7 @@ def summary_markdown(rows: list[dict], runs: list[Run], exp: Path) -> str:
 
 def summary_csv(rows: list[dict]) -> str:
     """Machine-readable rows: numbers at full precision (Dice/IoU in %, HD95 in px, time in minutes)."""
-    keys = ["data", "preset", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
+    keys = ["data", "preset", "settings", "n", "seeds", "selected_on", "best_iteration", "final_iteration"]
     keys += [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std", "n")] + ["card"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -277,15 +343,20 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[tuple[str, str], list[dict[int, float]]] = {}
-    for run in runs:
-        if run.status == "finished":
-            groups.setdefault(run.key, []).append(curve(run))
-    datasets = sorted({d for d, _ in groups}) or ["(no finished runs)"]
+    groups: dict[tuple[str, str, str], list[dict[int, float]]] = {}
+    labels: dict[tuple[str, str, str], str] = {}
+    finished = [r for r in runs if r.status == "finished"]
+    for run in finished:
+        groups.setdefault(run.key, []).append(curve(run))
+        same = [r for r in finished if r.key[:2] == run.key[:2]]
+        labels[run.key] = run.run_name + (f" [{distinguishing_settings(run, same)}]"
+                                          if len({r.key for r in same}) > 1 else "")
+    datasets = sorted({k[0] for k in groups}) or ["(no finished runs)"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         drawn = 0
-        for (d, name), curves in sorted(groups.items()):
+        for key, curves in sorted(groups.items()):
+            d, name = key[0], labels[key]
             if d != data:
                 continue
             its = sorted(set.intersection(*(set(c) for c in curves)))

@@ -11,6 +11,9 @@ otherwise a new run starts. Each child's output
 goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is reported and the others go on.
 Ctrl-C / SIGTERM: the running children get one SIGTERM (they save model_latest.pth and stop), no new child
 starts; running the same command again continues.
+
+`--launcher slurm` submits the same runs as one Slurm job array instead (experiments/slurm.py), and
+`--status EXP` shows each run of EXP as pending / running / finished / failed.
 """
 import os
 import queue
@@ -23,8 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, command_name
+from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, UserErrors, command_name
 from common.files import write_text_atomic
+from common.identity import identity_differences
 from experiments.presets import read_preset, resolve_presets
 from experiments.summarize import Run, read_run
 from parse_args import SWEEP_OWNED, flags_with
@@ -41,6 +45,7 @@ class Job:
     data: str        # the run folder's <data> component (the dataset spec's name)
     seed: int
     root: str | None
+    identity: dict | None = None  # common.identity.run_identity of the run this job would start
 
     @property
     def label(self) -> str:
@@ -100,17 +105,102 @@ def make_jobs(presets: list[Path], seeds: list[int], roots: dict[str | None, str
     return jobs
 
 
-def existing_runs(exp: Path, job: Job) -> list[Run]:
-    """The job's run folders in EXP (same data, run_name and seed; --test folders excluded), oldest first."""
+def child_settings(exp: Path, job: Job, extra: list[str]):
+    """The settings the job's run would record, parsed exactly as run.py parses its command line (a preset key
+    or flag after `--` that run.py refuses is a FlagError here, before anything starts)."""
+    from parse_args import parse_with_explicit
+    argv = command(exp, job, "start", None, extra)[2:]
+    return parse_with_explicit(argv)[0]
+
+
+def root_problem(root: str | None, settings) -> str:
+    """Why ROOT is not the prepared layout this run needs ('' when it is)."""
+    if root is None:
+        return "no --root"
+    path = Path(root)
+    if not path.is_dir():
+        return f"--root {root} is not a folder"
+    need = ["images", f"{settings.train_split}.txt", f"{settings.test_split}.txt"]
+    need.append(f"gaze/{settings.gaze_dir}" if settings.method == "gaze_sup" else "masks")
+    missing = [n for n in need if not (path / n).exists()]
+    return f"--root {root} lacks {', '.join(missing)} (prepare it first: python -m datasets.prepare)" if missing else ""
+
+
+def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None:
+    """Every run's preset, flags and root checked before the first child starts: one line per problem.
+    Sets each job's identity."""
+    from common.dataspec import load_spec, spec_record
+    from common.identity import run_identity
+    from experiments.summarize import default_settings
+    from parse_args import RESULT_NEUTRAL
+
+    problems: list[str] = []
+    datasets = {j.data for j in jobs}
+    problems += [f"--root {name}={roots[name]}: no preset of this sweep is on dataset {name!r} (they are on "
+                 f"{', '.join(sorted(datasets))})" for name in roots if name is not None and name not in datasets]
+    checked: dict[tuple, str] = {}
+    refused: set = set()
+    for job in jobs:
+        try:
+            settings = child_settings(exp, job, extra)
+        except UserError as e:
+            if job.preset not in refused:  # once per preset, not once per seed
+                refused.add(job.preset)
+                problems.append(f"{job.data}/{job.run_name} ({job.preset}): {e}")
+            continue
+        job.identity = run_identity(vars(settings), spec_record(load_spec(settings.data)), default_settings(),
+                                    RESULT_NEUTRAL)
+        key = (settings.root, settings.method, settings.gaze_dir, settings.train_split, settings.test_split)
+        if key not in checked:
+            checked[key] = root_problem(settings.root, settings)
+            if checked[key]:
+                problems.append(f"{job.data}/{job.run_name}: {checked[key]}")
+    if problems:
+        raise UserErrors(problems)
+
+
+def check_gpus(gpus: list[str]) -> None:
+    """Every --gpus index names a GPU this machine shows (else every child would train on the CPU at once)."""
+    bad = [g for g in gpus if not g.isdigit()]
+    if bad:
+        raise UserError(f"--gpus {','.join(gpus)}: {bad[0]!r} is not a GPU index; expected e.g. 0,1")
+    import torch
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    allowed = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else \
+        [str(i) for i in range(count)]
+    if count == 0:
+        allowed = []
+    missing = [g for g in gpus if g not in allowed]
+    if missing:
+        shown = ", ".join(allowed) if allowed else "none"
+        raise UserError(f"--gpus {','.join(gpus)}: GPU {', '.join(missing)} is not visible (visible: {shown}); "
+                        "leave --gpus out to run one run at a time on the CPU")
+
+
+def existing_runs(exp: Path, job: Job, same_settings: bool = True) -> list[Run]:
+    """The job's run folders in EXP (same data, run_name and seed, and the same settings unless
+    `same_settings` is False; --test folders excluded), oldest first."""
     base = exp / str(job.seed) / job.data
     if not base.is_dir():
         return []
     runs = [read_run(p) for p in sorted(base.iterdir()) if (p / "config.yaml").is_file()]
-    return [r for r in runs if r.run_name == job.run_name and r.seed == job.seed and r.status != "evaluation"]
+    return [r for r in runs if r.run_name == job.run_name and r.seed == job.seed and r.status != "evaluation"
+            and (not same_settings or job.identity is None or r.identity == job.identity)]
+
+
+def other_settings(exp: Path, job: Job) -> list[str]:
+    """One line per run folder of the job's name and seed whose settings differ (it is another experiment)."""
+    if job.identity is None:
+        return []
+    return [f"{job.label}: {run.path} has the same name but other settings ("
+            + "; ".join(identity_differences(run.identity, job.identity)[:6]) + "): not this run"
+            for run in existing_runs(exp, job, same_settings=False) if run.identity != job.identity]
 
 
 def plan(exp: Path, job: Job) -> tuple[str, Path | None]:
-    """skip (a finished run exists), resume (the newest unfinished run with model_latest.pth) or start."""
+    """skip (a finished run of the same settings exists), resume (the newest unfinished one with
+    model_latest.pth) or start. A run of the same name and seed with other settings is another experiment."""
     runs = existing_runs(exp, job)
     for run in runs:
         if run.status == "finished":
@@ -161,6 +251,8 @@ class Sweep:
         return path
 
     def run_job(self, job: Job, gpu: str | None) -> Outcome:
+        for line in other_settings(self.exp, job):
+            self.say(line)
         action, run_dir = plan(self.exp, job)
         if action == "skip":
             self.say(f"{job.label}: finished in {run_dir}, skipped")
@@ -301,7 +393,7 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=command_name("run.py sweep"),
                       description="Run presets x seeds: finished runs are skipped, interrupted "
                 "ones resumed in their folder. Flags after `--` are passed to every new run.")
-    p.add_argument("--presets", nargs="+", required=True,
+    p.add_argument("--presets", nargs="+", default=None,
                    help="preset names in configs/presets/ (shell patterns such as 'kvasir_*' allowed) or YAML files")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--root", action="append", default=[],
@@ -309,7 +401,15 @@ def build_parser() -> OneLineParser:
     p.add_argument("--exp_path", default="exp", help="where the runs (and sweep_logs/) go")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one run at a time on each "
                    "(CUDA_VISIBLE_DEVICES); default: one run at a time on what the child sees")
-    p.add_argument("--dry_run", action="store_true", help="print what would be skipped, resumed or started")
+    p.add_argument("--dry_run", action="store_true", help="print what would be skipped, resumed or started (with "
+                   "--launcher slurm: submitted, and the sbatch script)")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="local: child processes on this "
+                   "machine (default); slurm: one Slurm job array through submitit")
+    p.add_argument("--status", metavar="EXP", default=None, help="show each run of EXP as pending / running / "
+                   "finished / failed (with its Slurm job id) and exit")
+    p.add_argument("--wait", action="store_true", help="--launcher slurm: wait until the submitted runs have ended")
+    from experiments.slurm import add_arguments
+    add_arguments(p)
     return p
 
 
@@ -321,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if args.status is not None:
+        from experiments.slurm import status_rows, status_table
+        if not Path(args.status).is_dir():
+            raise UserError(f"--status {args.status}: not a folder (expected a sweep's --exp_path)")
+        print(status_table(status_rows(Path(args.status))))
+        return 0
+    if not args.presets:
+        raise UserError("run.py sweep: the following arguments are required: --presets (see run.py sweep --help)")
     exp = Path(args.exp_path)
     jobs = make_jobs(resolve_presets(args.presets), _seeds(args.seeds), _roots(args.root))
     missing = sorted({j.data for j in jobs if j.root is None})
@@ -330,9 +438,25 @@ def main(argv: list[str] | None = None) -> int:
                     if a.startswith("--") and "--" + a.partition("=")[0][2:].replace("-", "_") in OWNED_FLAGS})
     if owned:
         raise UserError(f"flags after `--` must not set {', '.join(owned)}: the sweep sets them (they identify a run)")
+    slurm_only = [f for f in ("max_parallel", "wait") if getattr(args, f)] + [
+        f for f in ("slurm_partition", "slurm_gpus_per_task", "slurm_cpus_per_task", "slurm_mem", "slurm_account",
+                    "slurm_qos", "sbatch") if getattr(args, f)]
+    if args.launcher == "slurm":
+        if args.gpus:
+            raise UserError("--gpus is for --launcher local; with --launcher slurm ask for GPUs with "
+                            "--slurm_gpus_per_task")
+        from experiments.slurm import main as slurm_main
+        return slurm_main(exp, jobs, extra, args)
+    if slurm_only:
+        raise UserError(f"--{slurm_only[0]} is for --launcher slurm (this sweep runs locally)")
     gpus = [g for g in args.gpus.replace(" ", "").split(",") if g] if args.gpus else None
+    if gpus:
+        check_gpus(gpus)
+    preflight(exp, jobs, _roots(args.root), extra)
     if args.dry_run:
         for job in jobs:
+            for line in other_settings(exp, job):
+                print(line)
             action, run_dir = plan(exp, job)
             shown = run_dir if action == "skip" else " ".join(command(exp, job, action, run_dir, extra, bool(gpus)))
             print(f"{job.label}: {action} {shown}")
@@ -343,9 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"cannot create --exp_path {exp}: {e}") from None
     sweep = Sweep(exp, jobs, extra, gpus)
     seeds = _seeds(args.seeds)
-    print(f"sweep: {len(jobs)} runs ({len(jobs) // len(seeds)} presets x {len(seeds)} seeds) in {exp}"
-          + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
     with SweepLock(exp):
+        from experiments.slurm import active_runs
+        held = active_runs(exp)
+        if held:  # the lock holds across launchers: never two copies of one run
+            jid, state = next(iter(held.values()))
+            raise UserError(f"{len(held)} runs of {exp} are still {state} in Slurm (job {jid.split('_')[0]}); wait "
+                            f"for them (run.py sweep --status {exp}) or scancel them before a local sweep")
+        print(f"sweep: {len(jobs)} runs ({len(jobs) // len(seeds)} presets x {len(seeds)} seeds) in {exp}"
+              + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
         outcomes = sweep.run()
     print(report(outcomes, jobs), flush=True)
     if sweep.stop.is_set():

@@ -80,6 +80,10 @@ def parse_columns(text: str) -> ColumnMap:
             raise FixationError(f"--columns: unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if role in found:
             raise FixationError(f"--columns: role {role!r} is given twice")
+        twice = next((r for r, n in found.items() if n == name), None)
+        if twice is not None:
+            raise FixationError(f"--columns: column {name!r} is mapped to two roles, {twice} and {role}; each role "
+                                "needs its own column")
         found[role] = name
     missing = [r for r in ("image", "x", "y") if r not in found]
     if missing:
@@ -211,7 +215,7 @@ def _header_columns(header: List[str], cols: ColumnMap, path: Path) -> Dict[str,
 
 def read_fixations(csv_path, columns: Optional[ColumnMap] = None, coords: str = "normalized",
                    image_size: Optional[Callable[[str], Tuple[int, int]]] = None,
-                   outside: str = "error") -> Dict[str, FixationSet]:
+                   outside: str = "error") -> "Fixations":
     """Read a fixation CSV into {image id: FixationSet}, validating every row.
 
     Args:
@@ -221,7 +225,8 @@ def read_fixations(csv_path, columns: Optional[ColumnMap] = None, coords: str = 
         image_size: id -> (height, width), used when the map has no width/height columns.
         outside: "error" (default) or "drop" for a coordinate outside the image.
     Returns:
-        dict id -> FixationSet, ids in order of first appearance.
+        dict id -> FixationSet, ids in order of first appearance (a `Fixations`: `.dropped` counts every
+        dropped fixation, `.all_outside` the images left without any).
     Raises:
         FixationError: unreadable text, an over-long line, an unbalanced quote, missing columns, a row
             with the wrong number of fields, a non-numeric value, a coordinate outside the image, a
@@ -233,6 +238,8 @@ def read_fixations(csv_path, columns: Optional[ColumnMap] = None, coords: str = 
     if outside not in OUTSIDE:
         raise FixationError(f"outside must be one of {OUTSIDE}; got {outside!r}")
     path = Path(csv_path)
+    if path.is_dir():
+        raise FixationError(f"{path} is a folder; expected a fixation CSV file")
     if not path.is_file():
         raise FixationError(f"fixation file not found: {path}")
     rows = _rows(path)
@@ -280,18 +287,32 @@ def read_fixations(csv_path, columns: Optional[ColumnMap] = None, coords: str = 
         raw.setdefault(iid, []).append((x, y, d, h, w, line))
     if not raw:
         raise FixationError(f"{path}: no fixation rows after the header")
-    out = {}
+    out = Fixations()
     for iid, rs in raw.items():
-        fs = _fixation_set(iid, rs, path, cols, coords, image_size if "width" not in col else None, outside)
+        fs, dropped = _fixation_set(iid, rs, path, cols, coords, image_size if "width" not in col else None, outside)
+        out.dropped += dropped
         if fs is not None:
             out[iid] = fs
+        else:
+            out.all_outside.append(iid)
     if not out:
         raise FixationError(f"{path}: every fixation lies outside its image")
     return out
 
 
+class Fixations(dict):
+    """{image id: FixationSet}, with the count of dropped fixations over every image (`outside="drop"`),
+    those of images whose fixations were all outside (no FixationSet) included."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+        self.all_outside: List[str] = []
+
+
 def _fixation_set(iid: str, rs: list, path: Path, cols: ColumnMap, coords: str, image_size, outside: str):
-    """One image's rows -> FixationSet (sizes checked, pixels normalised, outside points checked)."""
+    """One image's rows -> (FixationSet or None when every fixation was dropped, fixations dropped): sizes
+    checked, pixels normalised, outside points checked."""
     if image_size is not None:
         h, w = image_size(iid)
         rs = [(x, y, d, h, w, line) for x, y, d, _, _, line in rs]
@@ -302,6 +323,10 @@ def _fixation_set(iid: str, rs: list, path: Path, cols: ColumnMap, coords: str, 
                             f"but line {first[5]} says {first[3]} x {first[4]}")
     a = np.array(rs, dtype=np.float64)
     h, w = int(first[3]), int(first[4])
+    if coords == "pixels" and max(h, w) > 2 and ((a[:, :2] >= 0) & (a[:, :2] <= 1)).all():
+        raise FixationError(f"{path}:{first[5]}: every {cols.x}, {cols.y} of image {iid} lies within [0, 1], but "
+                            f"--coords pixels reads them as pixels of a {w} x {h} (W x H) image: these look like "
+                            "normalised coordinates (use --coords normalized)")
     if coords == "pixels":
         a[:, 0] /= w  # x_norm = x_px / width: the paper's convention (canvas index round(x_norm * 768) - 1)
         a[:, 1] /= h
@@ -313,6 +338,6 @@ def _fixation_set(iid: str, rs: list, path: Path, cols: ColumnMap, coords: str, 
                             "(use --outside drop to drop such fixations)")
     keep = a[~out]
     if not len(keep):
-        return None
+        return None, int(out.sum())
     return FixationSet(id=iid, xs=keep[:, 0], ys=keep[:, 1], durations=keep[:, 2], height=h, width=w,
-                       lines=keep[:, 5].astype(np.int64), dropped=int(out.sum()))
+                       lines=keep[:, 5].astype(np.int64), dropped=int(out.sum())), int(out.sum())

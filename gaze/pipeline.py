@@ -277,11 +277,15 @@ def _size_from_image(root: Path, spec: DataSpec):
 
 
 def make_jobs(csv_path, root, data, out_dir, ids: Optional[Sequence[str]] = None,
-              columns: Optional[ColumnMap] = None, coords: str = "normalized", outside: str = "error") -> list:
-    """One Job per image id of the CSV (or of `ids`, which must all be in the CSV), sorted by id."""
+              columns: Optional[ColumnMap] = None, coords: str = "normalized", outside: str = "error",
+              counts: Optional[dict] = None) -> list:
+    """One Job per image id of the CSV (or of `ids`, which must all be in the CSV), sorted by id.
+    `counts["dropped"]`: the fixations dropped (outside="drop"), images left without any included."""
     spec = load_spec(data)
     root, out_dir = Path(root), Path(out_dir)
     fix = read_fixations(csv_path, columns, coords, _size_from_image(root, spec), outside)
+    if counts is not None:
+        counts["dropped"] = fix.dropped
     if ids is not None:
         unknown = [i for i in ids if i not in fix]
         if unknown:
@@ -293,6 +297,30 @@ def make_jobs(csv_path, root, data, out_dir, ids: Optional[Sequence[str]] = None
                 image=root / "images" / f"{i}{spec.image_ext}", mask=root / "masks" / f"{i}{spec.mask_ext}",
                 heatmap=out_dir / "heatmap" / f"{i}{ext}", crf=out_dir / CRF_DIR / f"{i}{ext}", dropped=f.dropped)
             for i, f in sorted(fix.items())]
+
+
+def check_heatmaps_exist(jobs: list) -> None:
+    """The crf step reads the heatmaps: all must be on disk."""
+    absent = [j for j in jobs if not j.heatmap.is_file()]
+    if absent:
+        raise DataError(f"{len(absent)} heatmap(s) missing, e.g. {absent[0].heatmap}; run the heatmap step first")
+
+
+def check_images_found(jobs: list, csv_path, root: Path, spec: DataSpec, share: float = 0.5) -> None:
+    """At least `share` of the CSV's images exist under ROOT/images: a fixation file of another dataset would
+    otherwise give heatmaps of images that do not exist, without a word. A root without any image (the heatmap
+    step needs none when the CSV has the sizes) is checked against ROOT/masks instead, and one with neither
+    is not checked."""
+    where, exists = root / "images", [j.image.is_file() for j in jobs]
+    if not any(root.glob(f"images/*{spec.image_ext}")):
+        where, exists = root / "masks", [j.mask.is_file() for j in jobs]
+        if not any(root.glob(f"masks/*{spec.mask_ext}")):
+            return
+    found = sum(exists)
+    if found < share * len(jobs):
+        ext = spec.image_ext if where.name == "images" else spec.mask_ext
+        raise DataError(f"{csv_path}: {found} of {len(jobs)} images found under {where} (as <id>{ext}, the "
+                        "dataset spec's extension); is it the fixation file of this dataset and root?")
 
 
 def prepare_out(out_dir: Path, steps: Sequence[str]) -> None:
@@ -342,9 +370,7 @@ def run_crf(jobs: list, manifest: Manifest, pool: LazyPool, backend: str, device
             overwrite: bool, quiet: bool, result: dict) -> None:
     """The crf step: refine stale or missing CRF maps (heatmaps must be on disk), record their keys."""
     t = time.perf_counter()
-    absent = [j for j in jobs if not j.heatmap.is_file()]
-    if absent:
-        raise DataError(f"{len(absent)} heatmap(s) missing, e.g. {absent[0].heatmap}; run the heatmap step first")
+    check_heatmaps_exist(jobs)
     result["missing_images"] = [j.id for j in jobs if not j.image.is_file()]
     have = [j for j in jobs if j.image.is_file()]
     keys = {j.id: manifest_mod.crf_key(j.heatmap, j.image, j.crf_params, backend) for j in have}
@@ -413,13 +439,17 @@ def make_gaze_maps(csv_path, root, data, out_dir=None, steps: Optional[Sequence[
     t0 = time.perf_counter()
     spec: DataSpec = load_spec(data)
     steps, workers, root, out_dir = check_options(spec, steps, crf_backend, device, workers, root, out_dir)
-    jobs = make_jobs(csv_path, root, spec, out_dir, ids, columns, coords, outside)
+    counts: dict = {}
+    jobs = make_jobs(csv_path, root, spec, out_dir, ids, columns, coords, outside, counts)
+    check_images_found(jobs, csv_path, root, spec)
+    if "heatmap" not in steps:  # before any folder is made
+        check_heatmaps_exist(jobs)
     prepare_out(out_dir, steps)
     manifest = Manifest(out_dir)
     result = {"data": spec.name, "csv": str(csv_path), "root": str(root), "out_dir": str(out_dir), "n_ids": len(jobs),
               "steps": list(steps), "crf_backend": crf_backend, "device": device, "workers": workers,
               "written": {}, "changed": {}, "skipped": {}, "missing_images": [], "missing_masks": [],
-              "images_without_fixations": [], "dropped_fixations": sum(j.dropped for j in jobs), "time_s": {},
+              "images_without_fixations": [], "dropped_fixations": counts["dropped"], "time_s": {},
               "notes": [manifest.unreadable] if manifest.unreadable else []}
     known = {j.id for j in jobs}
     if (root / "images").is_dir() and ids is None:

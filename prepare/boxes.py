@@ -103,6 +103,19 @@ def check_boxes(boxes: dict, image_paths: Dict[str, Path], boxes_file) -> None:
     fail_listing(problems, f"problem(s) between {boxes_file} and the images")
 
 
+def check_box_file(boxes_file, images: Path, spec: DataSpec, crf: bool = False) -> tuple:
+    """({id: image path}, boxes) after every check of the boxes file against the images of the folder `images`
+    (run on the source folder before anything is written, and again on the prepared root)."""
+    image_paths = {p.stem: p for p in sorted(Path(images).glob(f"*{spec.image_ext}"))}
+    if not image_paths:
+        raise DataError(f"no {spec.image_ext} images in {images}")
+    boxes = read_boxes(boxes_file)
+    check_boxes(boxes, image_paths, boxes_file)
+    if crf and spec.crf is None:
+        raise DataError(f"--box-crf: the dataset spec {spec.source} has no CRF parameters (crf: null)")
+    return image_paths, boxes
+
+
 def _box_crf_task(args: tuple) -> None:
     """Worker: CRF-refine one box prior and save it (pydensecrf, one thread)."""
     from gaze import crf as crf_mod
@@ -130,13 +143,7 @@ def make_box_maps(root, boxes_file, spec: DataSpec, crf: bool = False, workers: 
     from gaze.pipeline import save_map  # torch-free; imported here so `datasets.io` users do not pay for it
 
     root = Path(root)
-    image_paths = {p.stem: p for p in sorted((root / "images").glob(f"*{spec.image_ext}"))}
-    if not image_paths:
-        raise DataError(f"no {spec.image_ext} images in {root / 'images'}")
-    boxes = read_boxes(boxes_file)
-    check_boxes(boxes, image_paths, boxes_file)
-    if crf and spec.crf is None:
-        raise DataError(f"--box-crf: the dataset spec {spec.source} has no CRF parameters (crf: null)")
+    image_paths, boxes = check_box_file(boxes_file, root / "images", spec, crf)
     box_dir, crf_dir = root / "gaze" / BOX_DIR, root / "gaze" / BOX_CRF_DIR
     box_dir.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -20,7 +20,7 @@ from pathlib import Path
 from common.dataspec import load_spec
 from common.errors import OneLineParser, command_name, run_cli
 from datasets.io import DataError
-from prepare.boxes import BOX_CRF_DIR, BOX_DIR, make_box_maps, map_dice_report
+from prepare.boxes import BOX_CRF_DIR, BOX_DIR, check_box_file, make_box_maps, map_dice_report
 from prepare.kvasir import prepare_kvasir
 from prepare.nci_isbi import prepare_nci_isbi
 from prepare.util import warn
@@ -63,6 +63,8 @@ def _kvasir(args) -> None:
     if args.box_crf and not args.boxes:
         raise DataError("--box-crf needs --boxes kavsir_bboxes.json")
     spec = load_spec(args.data) if args.boxes else None  # a bad spec fails before the long source check
+    if args.boxes:  # check first, write after: a bad boxes file leaves OUT as it was
+        check_box_file(args.boxes, Path(args.src) / "images", spec, args.box_crf)
     c = prepare_kvasir(args.src, args.out, args.split_dir, args.test_size, args.seed, args.copy, args.workers)
     if c["unused"]:
         warn(f"{c['unused']} image(s) are in neither split file")

@@ -41,7 +41,6 @@ MODULES: dict = {}
 PENDING = {
     "docs/how-to/weak-annotations.md",
     "docs/how-to/export.md",
-    "docs/how-to/slurm.md",
 }
 
 DOCS = [REPO / "README.md"] + sorted((REPO / "docs").rglob("*.md"))

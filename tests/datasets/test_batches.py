@@ -32,6 +32,7 @@ def dataset(root, method="gaze_sup"):
 
 
 @pytest.mark.parametrize("method", ["gaze_sup", "full_sup"])
+@pytest.mark.slow
 def test_preloaded_batches_equal_per_sample_pipeline(synthetic_root, method):
     ds = dataset(synthetic_root, method)
     pre = TrainBatches(ds, batch_size=3, seed=5, device="cpu", preload=True)

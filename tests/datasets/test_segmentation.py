@@ -34,6 +34,7 @@ def test_gaze_training_split_needs_no_masks(no_train_masks):
     assert len(SegmentationDataset(root, "kvasir", "test", train=False, spatial_size=32)) == 2
 
 
+@pytest.mark.slow
 def test_training_and_testing_without_training_masks(no_train_masks, tmp_path, one_thread):
     flags = ["--max_ite", "1", "--val_step", "1", "--save_step", "100", "--quiet"]
     assert run.main(tiny_argv(no_train_masks, tmp_path / "exp", *flags)) == 0
@@ -65,6 +66,7 @@ def test_compact_copy_is_built_from_the_prepared_root(no_train_masks, tmp_path, 
     assert "is inside --root" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_spec_file_path_gives_the_same_gaze_maps_and_tensors_as_the_name(kvasir_dir, gazemedseg_dir, tmp_path):
     """Real images and fixations: --data configs/data/kvasir.yaml and --data kvasir write byte-identical gaze
     maps and read identical training and test tensors."""

@@ -72,6 +72,7 @@ def test_help_names_every_command_and_prints_each_default_once():
 
 
 # ---------------------------------------------------------------- the run folder, --test
+@pytest.mark.slow
 def test_run_folder_and_test_reproduce_the_run_with_no_other_flag(trained, data_root, tmp_path, monkeypatch):
     for name in ("log.txt", "config.yaml", "metrics.json", "losses.csv", "per_image_metrics.csv",
                  "model_latest.pth", "model_best.pth", "model_ite3.pth", "model_ite6.pth"):
@@ -138,6 +139,7 @@ def sigterm_at(monkeypatch, iteration: int, times: int = 1) -> None:
     monkeypatch.setattr(Trainer, "train_step", step)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_alone_continues_in_place_exactly(data_root, tmp_path, monkeypatch):
     flags = ["--max_ite", "9", "--log_step", "3", "--val_step", "4", "--lr_scheduler", "cos", "--lr_min", "1e-4",
              "--quiet"]
@@ -218,6 +220,7 @@ def test_data_spec_path_names_the_run_folder_and_full_sup_selects_on_miou(data_r
 
 
 @pytest.mark.parametrize("amp", [["--fp16"], ["--amp", "bf16"]])
+@pytest.mark.slow
 def test_mixed_precision_trains_and_checkpoints_the_scaler(data_root, tmp_path, amp):
     """The paper's --fp16 crashes (GradScaler.update() is never called); here the scaler steps, updates and
     is saved, so a resumed fp16 run keeps its scale."""

@@ -49,6 +49,7 @@ def runs(tmp_path_factory):
     return {"data": data, "ddp": only_run_dir(exp_ddp), "one": only_run_dir(exp_one)}
 
 
+@pytest.mark.slow
 def test_ranks_hold_identical_weights(runs):
     metrics = json.loads((runs["ddp"] / "metrics.json").read_text())
     digests = metrics["weights_sha256_per_rank"]

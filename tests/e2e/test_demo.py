@@ -2,9 +2,12 @@
 pipeline and trains a narrow 2-level model that really learns (ensemble Dice >= 0.5)."""
 import json
 
+import pytest
+
 import run
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_learns(tmp_path):
     assert run.main(["--demo", "--exp_path", str(tmp_path), "--quiet"]) == 0
     data = tmp_path / "demo_data"

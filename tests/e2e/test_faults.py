@@ -42,6 +42,7 @@ def weights(path: Path) -> dict:
     return checkpoint_state_dict(load_checkpoint(path))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_root):
     """A real SIGTERM from outside: exit 130 and a resumable checkpoint; `--resume --ckpt_path RUN` alone (as the
     log says) finishes in the same folder with the uninterrupted run's losses.csv."""
@@ -89,9 +90,16 @@ def test_stop_flag_first_signal_asks_second_forces():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    # stopping: later signals are ignored, so that the process ends with its one line and status 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN == signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with StopFlag():
+        pass
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # no signal: the handlers are restored
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root):
     exp = tmp_path / "exp"
     # SGD with lr 1e30: the first update blows the weights up, the next loss is NaN
@@ -111,6 +119,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_
     assert "error: the loss is" in (run_dir / "log.txt").read_text()  # the run's log says how it ended
 
 
+@pytest.mark.slow
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_root, monkeypatch):
     real_save = torch.save
     seen = {"calls": 0}
@@ -145,6 +154,7 @@ def test_unwritable_exp_path_fails_before_any_work(tmp_path):
         run.main(tiny_argv(tmp_path / "no_such_root", exp, "--quiet"))
 
 
+@pytest.mark.slow
 def test_free_space_check_scales_with_the_checkpoint_size(tmp_path, data_root, monkeypatch):
     """A tiny model's run fits in 100 MiB; the paper's widths with 3 model_ite files do not."""
     import shutil
@@ -157,6 +167,7 @@ def test_free_space_check_scales_with_the_checkpoint_size(tmp_path, data_root, m
     assert not (tmp_path / "exp").exists()
 
 
+@pytest.mark.slow
 def test_tensorboard_write_failure_warns_once_and_the_run_goes_on(tmp_path, data_root, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
     calls = []
@@ -174,6 +185,7 @@ def test_tensorboard_write_failure_warns_once_and_the_run_goes_on(tmp_path, data
     assert (run_dir / "metrics.json").is_file() and len(loss_rows(run_dir)) == 4
 
 
+@pytest.mark.slow
 def test_error_in_a_dataloader_worker_reads_as_without_workers(tmp_path, data_root):
     """A test image whose header is fine but whose data is cut: decoded in a worker with --num_worker 1."""
     import shutil
@@ -193,6 +205,7 @@ def test_error_in_a_dataloader_worker_reads_as_without_workers(tmp_path, data_ro
     assert not (tmp_path / "exp0").exists() and not (tmp_path / "exp1").exists()
 
 
+@pytest.mark.slow
 def test_deterministic_runs_are_bit_identical(tmp_path, data_root, capsys):
     dirs = []
     try:

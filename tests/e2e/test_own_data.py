@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import run
@@ -55,6 +56,7 @@ def own_dataset(root: Path) -> tuple:
     return spec, out, train
 
 
+@pytest.mark.slow
 def test_own_gray_dataset_gaze_train_test_predict(tmp_path, capsys, one_thread):
     root = tmp_path / "data"
     spec, fixations, train = own_dataset(root)

@@ -21,6 +21,7 @@ def losses(exp) -> list:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_with_a_partial_batch(tmp_path, monkeypatch):
     graphs = []  # the input shapes of every graph the trainer's torch.compile produced
 

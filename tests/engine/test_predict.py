@@ -94,6 +94,7 @@ def test_predict_equals_evaluation_with_save_pred(tmp_path, data_root):
     assert 0 < np.mean(fractions) < 1, "the comparison needs masks that are neither empty nor full"
 
 
+@pytest.mark.slow
 def test_folder_input_and_trained_checkpoint(tmp_path, data_root):
     """A checkpoint from a real (tiny) training run, a folder as input, via the run.py command line."""
     exp = tmp_path / "exp"

@@ -90,6 +90,7 @@ def logged_lrs(run_dir: Path) -> list:
 
 @pytest.mark.parametrize("batch_size,warmup,scheduler", [(8, 0, "cos"), (4, 0, "cos"), (3, 0, "cos"),
                                                          (4, 3, "cos"), (8, 4, "cos"), (3, 0, "none")])
+@pytest.mark.slow
 def test_every_iteration_trains_at_the_authors_lr(data_root, tmp_path, batch_size, warmup, scheduler):
     """Epoch lengths 1, 2 and 3 steps (8 images, batch 8 / 4 / 3, the last batch partial); warm-up of 3 and 4
     epochs (compared with the epoch counter, as theirs); a constant lr without a scheduler."""
@@ -106,6 +107,7 @@ def test_every_iteration_trains_at_the_authors_lr(data_root, tmp_path, batch_siz
         assert seen[0] == seen[spe] != seen[2 * spe]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_authors_schedule(data_root, tmp_path):
     """Stopped mid-epoch 2 (3 steps per epoch, checkpoint at iteration 4), resumed: iterations 5..8 train at
     the lr the uninterrupted loop gives them (the authors' own resume restarts the epoch; this one does not)."""

@@ -16,12 +16,12 @@ from experiments import summarize
 
 def write_run(exp: Path, name: str, seed: int, stamp: str, *, max_ite: int = 6, final=None, best=None,
               history=None, selected_on: str = "test", seconds: float = 60.0, data: str = "kvasir",
-              test: bool = False) -> Path:
+              test: bool = False, **settings) -> Path:
     """A run folder as run.py writes it; metrics.json only when `final` is given (a finished run)."""
     run = exp / str(seed) / data / f"{name}_{stamp}"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"run_name": name, "seed": seed, "max_ite": max_ite,
-                                                     "data": data, "test": test}))
+                                                     "data": data, "test": test, **settings}))
     (run / "losses.csv").write_text("iteration,lr,loss\n2,1e-2,0.5\n4,1e-2,0.4\n")
     if final is not None:
         final_iteration = final.pop("final_iteration", max_ite)
@@ -74,6 +74,7 @@ def read_csv(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_summary_equals_a_direct_computation(exp, capsys):
     assert summarize.main([str(exp)]) == 0
     rows = {r["preset"]: r for r in read_csv(exp / "summary.csv")}
@@ -93,7 +94,7 @@ def test_summary_equals_a_direct_computation(exp, capsys):
 
     md = (exp / "summary.md").read_text()
     assert "| 7.00 (1 of 2) |" in md
-    assert "| kvasir | presetA | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
+    assert "| kvasir | presetA | - | 3 | 0 1 2 | 70.33 ± 6.51 | 73.67 ± 4.51 | test |" in md
     not_averaged = md.split("## Not averaged")[1]
     assert "| presetB | 1 | unfinished | no metrics.json; last logged iteration 4, no checkpoint |" in not_averaged
     assert "| presetB | 2 | stopped_early | final_iteration 4 < max_ite 6 |" in not_averaged
@@ -131,6 +132,45 @@ def test_nothing_to_summarise_is_a_user_error(tmp_path, make):
     with pytest.raises(UserError, match=str(exp)):
         summarize.main([str(exp)])
     assert not (exp / "summary.csv").exists()
+
+
+def test_runs_that_share_a_name_but_not_their_settings_are_separate_rows(tmp_path, capsys):
+    """An adam/64 px run and an sgd/48 px run under the same name are two experiments: two rows, each saying
+    how it differs. Seeds and flags that cannot change results (workers, device, log step) do not split a row."""
+    exp = tmp_path / "exp"
+    for seed, workers in ((0, 0), (1, 4)):
+        write_run(exp, "same", seed, "20260101-000000", final=metrics(0.7, 0.5), best=dict(metrics(0.7, 0.5),
+                  iteration=6), opt="adam", spatial_size=64, num_worker=workers, device=str(seed), log_step=seed + 1)
+    write_run(exp, "same", 0, "20260102-000000", final=metrics(0.3, 0.2), best=dict(metrics(0.3, 0.2),
+              iteration=6), opt="sgd", spatial_size=48)
+    assert summarize.main([str(exp), "--no_plot"]) == 0
+    rows = read_csv(exp / "summary.csv")
+    assert [(r["preset"], r["settings"], r["n"]) for r in rows] == [
+        ("same", "opt adam, spatial_size 64", "2"), ("same", "opt sgd, spatial_size 48", "1")]
+    assert float(rows[1]["final_dice_mean"]) == pytest.approx(30)
+    # the sgd run is not a "duplicate" of seed 0's adam run: both are finished runs of their own experiment
+    assert all(r["status"] == "finished" for r in read_csv(exp / "runs.csv"))
+
+
+def test_a_malformed_run_is_listed_and_the_rest_summarised(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    write_run(exp, "good", 0, "20260101-000000", final=metrics(0.7, 0.5), best=dict(metrics(0.7, 0.5), iteration=6))
+    bad_time = write_run(exp, "good", 1, "20260101-000000", final=metrics(0.6, 0.5),
+                         best=dict(metrics(0.6, 0.5), iteration=6), seconds="an hour")
+    bad_config = write_run(exp, "good", 2, "20260101-000000", final=metrics(0.5, 0.5),
+                           best=dict(metrics(0.5, 0.5), iteration=6))
+    text = (bad_config / "config.yaml").read_text().replace("max_ite: 6", "max_ite: sixty")
+    (bad_config / "config.yaml").write_text(text)
+    assert summarize.main([str(exp), "--no_plot"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    rows = read_csv(exp / "summary.csv")
+    assert [(r["preset"], r["n"]) for r in rows] == [("good", "1")]
+    listed = {r["folder"]: (r["status"], r["why"]) for r in read_csv(exp / "runs.csv")}
+    assert listed[str(bad_time.relative_to(exp))] == ("unreadable", "metrics.json: train_seconds 'an hour' is not a "
+                                                                    "number")
+    assert listed[str(bad_config.relative_to(exp))] == ("unreadable", "config.yaml: max_ite 'sixty' is not an "
+                                                                      "integer")
 
 
 def test_overlapping_curves_differ_in_dashes_and_markers():

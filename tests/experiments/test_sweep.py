@@ -30,6 +30,34 @@ def tiny_preset(path: Path, name: str, cons_mode: str) -> Path:
     return path
 
 
+def fake_root(path: Path) -> Path:
+    """The prepared layout a gaze_sup run needs (the sweep checks it before starting; nothing is trained)."""
+    for sub in ("images", "gaze/crf_compat1"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (path / f"{split}.txt").write_text("a\n")
+    return path
+
+
+def recorded_run(exp: Path, preset: Path, seed: int, root: Path, finished: bool = True, extra=(), **changed) -> Path:
+    """A run folder of `preset` at `seed` recording exactly what run.py would record (with `changed` settings)."""
+    from engine.run_folder import recorded_settings, save_config
+    job = sweep.make_jobs([preset], [seed], {None: str(root)})[0]
+    settings = sweep.child_settings(exp, job, list(extra))
+    for k, v in changed.items():
+        setattr(settings, k, v)
+    folder = exp / str(seed) / "kvasir" / f"{job.run_name}_20260101-000000"
+    folder.mkdir(parents=True)
+    save_config(settings, folder)
+    assert "resume" not in recorded_settings(settings)
+    if finished:
+        (folder / "metrics.json").write_text(json.dumps({"final_iteration": settings.max_ite,
+                                                         "final": {"mdice": 0.5}}))
+    else:
+        (folder / "model_latest.pth").write_bytes(b"")
+    return folder
+
+
 def run_dirs(exp: Path) -> dict:
     """(run_name, seed) -> its run folders."""
     out = {}
@@ -50,6 +78,7 @@ def wait_for(predicate, proc, seconds: float):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_sweep_interrupted_and_rerun_finishes_each_run_once(tmp_path, capsys):
     root = tiny_dataset(tmp_path / "data")
     presets = [tiny_preset(tmp_path / "a.yaml", "tinyA", "prop"), tiny_preset(tmp_path / "b.yaml", "tinyB", "pure")]
@@ -79,10 +108,12 @@ def test_sweep_interrupted_and_rerun_finishes_each_run_once(tmp_path, capsys):
     assert list(first) == [("tinyA", 0)], first  # no other run started after the signal
     interrupted = first[("tinyA", 0)][0]
     assert (interrupted / "model_latest.pth").exists() and not (interrupted / "metrics.json").exists()
-    assert sweep.plan(exp, sweep.make_jobs([presets[0]], [0], {None: str(root)})[0]) == ("resume", interrupted)
+    job = sweep.make_jobs([presets[0]], [0], {None: str(root)})[0]
+    sweep.preflight(exp, [job], {None: str(root)}, [])
+    assert sweep.plan(exp, job) == ("resume", interrupted)
 
-    # 2. the same sweep again (two slots): resumes tinyA/0 in its folder, runs the other three
-    assert sweep.main(argv + ["--gpus", "0,1"]) == 0, capsys.readouterr().out
+    # 2. the same sweep again: resumes tinyA/0 in its folder, runs the other three
+    assert sweep.main(argv) == 0, capsys.readouterr().out
     second = run_dirs(exp)
     assert sorted(second) == [("tinyA", 0), ("tinyA", 1), ("tinyB", 0), ("tinyB", 1)]
     # depends on `run.py --resume --ckpt_path RUN` continuing in RUN (helper A): one folder per run
@@ -113,23 +144,77 @@ def test_sweep_interrupted_and_rerun_finishes_each_run_once(tmp_path, capsys):
 
 def test_dry_run_plans_without_running(tmp_path, capsys):
     preset = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
-    exp = tmp_path / "exp"
-    done = exp / "1" / "kvasir" / "tinyA_20260101-000000"
-    done.mkdir(parents=True)
-    (done / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 1, "max_ite": MAX_ITE}))
-    (done / "metrics.json").write_text(json.dumps({"final_iteration": MAX_ITE, "final": {"mdice": 0.5}}))
-    stopped = exp / "2" / "kvasir" / "tinyA_20260101-000000"
-    stopped.mkdir(parents=True)
-    (stopped / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 2, "max_ite": MAX_ITE}))
-    (stopped / "model_latest.pth").write_bytes(b"")
-    assert sweep.main(["--presets", str(preset), "--seeds", "0,1,2", "--root", "R", "--exp_path", str(exp),
-                       "--dry_run", "--gpus", "3", "--", "--num_worker", "2"]) == 0
+    exp, root = tmp_path / "exp", fake_root(tmp_path / "R")
+    extra = ["--", "--num_worker", "2"]
+    done = recorded_run(exp, preset, 1, root, extra=extra[1:])
+    stopped = recorded_run(exp, preset, 2, root, finished=False, extra=extra[1:])
+    assert sweep.main(["--presets", str(preset), "--seeds", "0,1,2", "--root", str(root), "--exp_path", str(exp),
+                       "--dry_run", *extra]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("kvasir/tinyA seed 0: start ")
-    assert out[0].endswith(f"--config {preset} --seed 0 --exp_path {exp} --quiet --root R --device 0 --num_worker 2")
+    assert out[0].endswith(f"--config {preset} --seed 0 --exp_path {exp} --quiet --root {root} --num_worker 2")
     assert out[1] == f"kvasir/tinyA seed 1: skip {done}"
-    assert out[2].endswith(f"run.py --resume --ckpt_path {stopped} --root R --device 0")  # its own recorded flags
+    assert out[2].endswith(f"run.py --resume --ckpt_path {stopped} --root {root}")  # its own recorded flags
     assert not (exp / "0").exists()
+
+
+def test_a_run_with_other_settings_is_another_run(tmp_path, capsys):
+    """A smoke-test run of a preset (fewer iterations, smaller images) is not the preset's run: the sweep says how
+    it differs and starts a new run instead of skipping or resuming it; a change that cannot alter results (the
+    number of workers, the log step) is the same run."""
+    preset = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp, root = tmp_path / "exp", fake_root(tmp_path / "R")
+    smoke = recorded_run(exp, preset, 0, root, max_ite=4, spatial_size=16)
+    argv = ["--presets", str(preset), "--seeds", "0", "--root", str(root), "--exp_path", str(exp), "--dry_run"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"kvasir/tinyA seed 0: {smoke} has the same name but other settings (max_ite 4 vs {MAX_ITE}; "
+                      "spatial_size 16 vs 32): not this run")
+    assert out[1].startswith("kvasir/tinyA seed 0: start ")
+    # unfinished with other settings: not resumed either
+    (smoke / "metrics.json").unlink()
+    (smoke / "model_latest.pth").write_bytes(b"")
+    assert sweep.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("kvasir/tinyA seed 0: start ")
+    # a run differing only in flags that cannot change results is the preset's run
+    same = recorded_run(exp, preset, 1, root, num_worker=3, log_step=1, device="cpu")
+    assert sweep.main(argv[:2] + ["--seeds", "1"] + argv[4:]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"kvasir/tinyA seed 1: skip {same}"]
+
+
+def test_problems_are_found_before_anything_starts(tmp_path, capsys):
+    """A missing root, a root without the prepared layout, a preset key run.py does not know and a --root NAME
+    that is no dataset of the presets: one line each, exit status 2, nothing started or created."""
+    import run
+    good = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    bad = tmp_path / "b.yaml"
+    bad.write_text(yaml.safe_dump({"run_name": "tinyB", "data": "kvasir", "max_itr": 5}))
+    exp = tmp_path / "exp"
+    argv = ["sweep", "--presets", str(good), str(bad), "--seeds", "0,1", "--exp_path", str(exp)]
+    assert run.cli(argv + ["--root", str(tmp_path / "nowhere"), "--root", f"prostat={tmp_path}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "--root prostat=" in err[0] and "no preset of this sweep is on dataset 'prostat'" in err[0]
+    assert any("unknown key(s) ['max_itr']" in line and str(bad) in line for line in err), err
+    assert any(f"--root {tmp_path / 'nowhere'} is not a folder" in line for line in err), err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "images").mkdir()
+    assert run.cli(["sweep", "--presets", str(good), "--root", str(tmp_path / "half"), "--exp_path", str(exp)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "lacks train.txt, test.txt, gaze/crf_compat1" in err[0], err
+    assert not exp.exists()
+
+
+def test_gpus_that_are_not_visible_are_refused(tmp_path, capsys):
+    import run
+    preset = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp = tmp_path / "exp"
+    assert run.cli(["sweep", "--presets", str(preset), "--root", str(fake_root(tmp_path / "R")),
+                    "--exp_path", str(exp), "--gpus", "0,97"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --gpus 0,97: GPU ") and "97, not visible" not in err[0]
+    assert "not visible" in err[0]
+    assert not exp.exists()
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -156,11 +241,9 @@ def test_one_sweep_per_exp(tmp_path, capsys):
 
     preset = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
     exp = tmp_path / "exp"
-    done = exp / "0" / "kvasir" / "tinyA_20260101-000000"
-    done.mkdir(parents=True)
-    (done / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 0, "max_ite": MAX_ITE}))
-    (done / "metrics.json").write_text(json.dumps({"final_iteration": MAX_ITE, "final": {"mdice": 0.5}}))
-    argv = ["--presets", str(preset), "--seeds", "0", "--root", "R", "--exp_path", str(exp)]
+    root = fake_root(tmp_path / "R")
+    recorded_run(exp, preset, 0, root)
+    argv = ["--presets", str(preset), "--seeds", "0", "--root", str(root), "--exp_path", str(exp)]
     lock = exp / ".sweep.lock"
     lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process
     with pytest.raises(UserError, match="another sweep"):

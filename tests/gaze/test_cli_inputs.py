@@ -135,6 +135,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert not (out / "heatmap").exists() or not any((out / "heatmap").iterdir())
 
 
+@pytest.mark.slow
 def test_cli_subprocess_exit_status_and_no_torch(tmp_path):
     """Through `python -m gaze`: status 2 and one line; a full heatmap + CRF run never imports torch."""
     root, csv, _ = make_root(tmp_path, "kvasir", seed=11)

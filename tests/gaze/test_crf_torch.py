@@ -95,6 +95,7 @@ def smallest_kvasir_ids(kvasir_dir, k):
     return [p for _, p in sorted(sizes)[:k]]
 
 
+@pytest.mark.slow
 def test_matches_pydensecrf_real_kvasir(kvasir_dir):
     for path in smallest_kvasir_ids(kvasir_dir, 2):  # 332x487 and 401x415: real size, no resizing
         image = np.asarray(Image.open(path).convert("RGB"))

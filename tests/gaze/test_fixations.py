@@ -85,6 +85,7 @@ def test_error_is_a_value_error():
     assert issubclass(FixationError, ValueError)
 
 
+@pytest.mark.slow
 def test_real_files_and_published_variant_agree(gazemedseg_dir):
     for main, sample in (("kvasir_fixation.csv", "kvasir_samples.csv"),
                          ("nci-isbi_fixation.csv", "nci-isbi_samples.csv")):

@@ -80,6 +80,7 @@ def test_blur_matches_scipy_small_canvas(seed):
 
 
 @pytest.mark.parametrize("sigma,seed", [(70.0, 0), (50.0, 1)])
+@pytest.mark.slow
 def test_heatmap_matches_paper_recipe(sigma, seed):
     rng = np.random.default_rng(seed)
     f = random_fixations(rng, 99)
@@ -119,6 +120,7 @@ def test_bad_fixations_raise(bad, match):
         gaze_heatmap(bad, 10, 10, 70.0)
 
 
+@pytest.mark.slow
 def test_real_fixations_match_paper_recipe(gazemedseg_dir):
     from gaze.fixations import read_fixations
     for csv, sigma in (("kvasir_fixation.csv", 70.0), ("nci-isbi_fixation.csv", 50.0)):

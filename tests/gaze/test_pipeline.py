@@ -162,6 +162,7 @@ def test_heatmap_step_needs_no_images(tmp_path):
 
 
 @needs_crf
+@pytest.mark.slow
 def test_pool_gives_the_same_files_as_serial(tmp_path):
     root, csv, _ = make_root(tmp_path, "prostate", seed=4)
     a = make_gaze_maps(csv, root, "prostate", out_dir=tmp_path / "a", workers=1, quiet=True, sheet=False)
@@ -181,6 +182,7 @@ def test_crf_alone_needs_heatmaps(tmp_path):
 
 @needs_crf
 @pytest.mark.parametrize("workers", [1, 2])  # 2: the error crosses the process pool
+@pytest.mark.slow
 def test_image_size_disagreeing_with_csv_names_the_file(tmp_path, workers):
     root, csv, _ = make_root(tmp_path, "kvasir", seed=6)
     bad = root / "images" / "img_b.jpg"
@@ -216,6 +218,7 @@ def test_cli(tmp_path, capsys):
 
 
 @needs_crf
+@pytest.mark.slow
 def test_torch_backend_matches_pydensecrf_in_the_pipeline(tmp_path):
     pytest.importorskip("torch", reason="the torch CRF backend needs torch")  # not gaze.crf_torch: a broken
     # import of the project's own module must fail, not skip
@@ -231,6 +234,7 @@ def test_torch_backend_matches_pydensecrf_in_the_pipeline(tmp_path):
 
 
 @needs_crf
+@pytest.mark.slow
 def test_real_kvasir_few_images(kvasir_dir, gazemedseg_dir, tmp_path):
     ids = read_ids(kvasir_dir / "splits" / "val.txt")[:4]
     res = make_gaze_maps(gazemedseg_dir / "kvasir_fixation.csv", kvasir_dir, "kvasir", out_dir=tmp_path,

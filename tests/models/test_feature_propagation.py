@@ -83,6 +83,7 @@ def test_denormal_attention_weights_are_flushed_without_changing_the_result():
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 2, 3, 5), (1, 2, 8, 8), (1, 1, 6, 10)])
+@pytest.mark.slow
 def test_gradcheck(shape):
     feature = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.autograd.gradcheck(feature_propagation, (feature.requires_grad_(),))
@@ -269,6 +270,7 @@ def test_triton_model_matches_torch_model_on_cuda():
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET or torch.cuda.is_available(),
                     reason="triton missing, or the Triton tests already run directly (CUDA / interpreter)")
+@pytest.mark.slow
 def test_triton_under_interpreter():
     """Run the Triton tests above on CPU through Triton's interpreter, in a fresh process (the
     interpreter is chosen when the kernels are defined, at import)."""

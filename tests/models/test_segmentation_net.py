@@ -76,6 +76,7 @@ def keys_and_shapes(module: nn.Module) -> list[tuple[str, tuple]]:
 
 
 @needs_monai
+@pytest.mark.slow
 def test_paper_widths_match_monai_keys_shapes_and_outputs():
     from monai.networks.nets import BasicUNet as MonaiBasicUNet
     torch.manual_seed(0)

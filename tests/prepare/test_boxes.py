@@ -187,3 +187,23 @@ def test_real_kvasir_boxes(kvasir_dir, tmp_path):
         assert saved.shape == read_gray(root / "masks" / f"{i}.jpg").shape == (e["height"], e["width"])
         boxes = [tuple(b[k] for k in ("xmin", "ymin", "xmax", "ymax")) for b in e["bbox"]]
         np.testing.assert_array_equal(saved > 0.5, box_mask(e["height"], e["width"], boxes) > 0)
+
+
+def test_prepare_checks_the_boxes_before_writing_anything(tmp_path, capsys):
+    """A boxes file that disagrees with the images (a wrong size) is refused before images, masks and split
+    files are written: OUT stays as it was."""
+    src = tmp_path / "src"
+    make_source(src, 3)
+    boxes = json.loads((src / "boxes.json").read_text())
+    first = sorted(boxes)[0]
+    boxes[first]["width"] += 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(boxes))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    argv = ["kvasir", "--src", str(src), "--out", str(out), "--test-size", "1", "--workers", "1", "--boxes", str(bad)]
+    assert prepare_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"id '{first}': {bad} says" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]

@@ -120,6 +120,7 @@ def test_cli(tmp_path, capsys):
     assert "one of the arguments --split-dir --test-size is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_kvasir_official_split(kvasir_dir, tmp_path):
     counts = prepare_kvasir(kvasir_dir, tmp_path, split_dir=kvasir_dir / "splits")
     assert counts == {"ids": 1000, "train": 880, "test": 120, "unused": 0}

@@ -305,6 +305,7 @@ def real_masks(nci_isbi_dir, tmp_path_factory):
     return out, prepare_nci_isbi(nci_isbi_dir / "labels", out, masks_only=True)
 
 
+@pytest.mark.slow
 def test_real_labels_give_805_slices_and_the_789_of_the_gaze_csv(real_masks, gazemedseg_dir):
     out, result = real_masks
     assert len(result["train"]) == len(set(result["train"])) == 805 and result["test"] == []

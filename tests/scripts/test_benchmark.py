@@ -10,6 +10,7 @@ TINY = ["--device", "cpu", "--spatial-size", "32", "--batch-size", "2", "--featu
         "--mask-size", "40,48"]
 
 
+@pytest.mark.slow
 def test_tiny_cpu_run_writes_json(tmp_path):
     path = tmp_path / "bench.json"
     report = benchmark.main(TINY + ["--variants", "fp32,bf16+cl+foreach", "--json", str(path)])
@@ -30,6 +31,7 @@ def test_tiny_cpu_run_writes_json(tmp_path):
     assert all(e["seconds"] > 0 and e["images"] == 2 for e in report["eval"])
 
 
+@pytest.mark.slow
 def test_failing_variant_is_reported_not_fatal(capsys):
     # 6 is not a multiple of the 4 GroupNorm groups: building the model fails in every variant
     argv = TINY + ["--features", "6,4,8,8,16,4", "--variants", "fp32", "--eval-images", "0", "--no-propagation"]
@@ -44,6 +46,7 @@ def test_bad_variant_spec_is_rejected():
         benchmark.main(TINY + ["--variants", "bf16+fp32"])
 
 
+@pytest.mark.slow
 def test_end_to_end_times_the_training_data_path():
     argv = TINY + ["--variants", "fp32", "--impls", "ours", "--eval-images", "0", "--no-propagation", "--end-to-end"]
     report = benchmark.main(argv)
@@ -52,6 +55,7 @@ def test_end_to_end_times_the_training_data_path():
     assert "% of the bare step rate" in benchmark.table(report)  # compared with the fp32 / ours step
 
 
+@pytest.mark.slow
 def test_step_flops_count_forward_and_backward_convolutions():
     import torch
     args = benchmark.parse_args(TINY)
@@ -77,6 +81,7 @@ def test_step_flops_count_forward_and_backward_convolutions():
     assert tflop * 1e12 == pytest.approx(3 * forward - first, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_leave_one_out_and_profile(tmp_path):
     prof = tmp_path / "profile.txt"
     argv = TINY + ["--variants", "fp32", "--impls", "ours,none", "--eval-images", "0", "--no-propagation",
