@@ -89,5 +89,6 @@ def config_path(text: str, what: str = "--config") -> Path:
     import difflib
     close = difflib.get_close_matches(text, recipe_names(), n=1)
     hint = f"did you mean {close[0]}? " if close else ""
+    from common.version import install_problem
     raise RecipeError(f"{what} {text}: no such file, and no preset or config of that name ({hint}names: "
-                      f"{', '.join(recipe_names())})")
+                      f"{', '.join(recipe_names())}){install_problem()}")

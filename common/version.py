@@ -28,3 +28,12 @@ def version_text(prog: str) -> str:
     """`PROG (gazesup 0.1.0, commit abc123)`: what every command's --version prints."""
     commit = git_commit()
     return f"{prog} (gazesup {__version__}, {'commit ' + commit if commit else 'commit unknown'})"
+
+
+def install_problem() -> str:
+    """Why the shipped configs (presets, dataset specs) cannot be found, or "" when they can. A plain
+    `pip install .` copies the packages into site-packages without configs/; an editable install does not."""
+    if (REPO / "configs").is_dir():
+        return ""
+    return (f"; this copy of the code ({REPO}) has no configs/ folder beside it, as after `pip install .`: "
+            "install from a clone with `pip install -e .`")
