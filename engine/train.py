@@ -75,7 +75,7 @@ def lr_at_epoch(args, epoch: int, total_epoch: int) -> float:
 
 
 ETA_WARN_SECONDS = 24 * 3600
-ETA_SAMPLE_STEPS = 5  # steps timed (after the first, which warms up) before the ETA check
+ETA_SAMPLE_STEPS = 2  # steps timed after the first (warm-up) before the ETA check: CPU steps can take a minute
 
 
 def schedule_warning(args, steps_per_epoch: int) -> str | None:
