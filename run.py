@@ -23,9 +23,12 @@ from common.errors import INTERRUPTED_EXIT, UserError, one_line, report_user_err
 def main(argv=None) -> int:
     """Run one command; user errors are raised as `UserError` (see `cli` for the exit status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["predict"]:
-        from engine.predict import main as predict_main
-        return predict_main(argv[1:])
+    if argv[:1] == ["predict"]:  # --model: the exported model on onnxruntime; --ckpt_path: torch
+        from release.onnx_predict import dispatch
+        return dispatch(argv[1:])
+    if argv[:1] == ["export"]:
+        from release.export import main as export_main
+        return export_main(argv[1:])
     if argv[:1] == ["sweep"]:
         from experiments.sweep import main as sweep_main
         return sweep_main(argv[1:])

@@ -53,6 +53,23 @@ def image_size(path) -> tuple:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
+GRAY_MODES = ("L", "I;16", "I")  # Pillow modes read as one channel; every other mode is converted to RGB
+
+
+def image_channels(path) -> int:
+    """The channel count `read_image` will return for `path` (1 or 3), from the file header."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".dcm":
+            import pydicom
+            return 3 if int(getattr(pydicom.dcmread(str(path), stop_before_pixels=True), "SamplesPerPixel", 1)) > 1 \
+                else 1
+        with Image.open(path) as im:
+            return 1 if im.mode in GRAY_MODES else 3
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
 def read_image(path) -> np.ndarray:
     """An image as stored: RGB uint8 (H, W, 3) for jpg/png colour, (H, W) for gray, float32 (H, W) for dcm."""
     path = _require(path)
@@ -60,7 +77,7 @@ def read_image(path) -> np.ndarray:
         return read_dicom(path)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB") if im.mode not in ("L", "I;16", "I") else im
+            im = im.convert("RGB") if im.mode not in GRAY_MODES else im
             return np.asarray(im)
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e}") from e

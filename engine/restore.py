@@ -12,6 +12,7 @@ Precedence, one rule for all three commands:
    from the flags; --spatial_size is then required (guessing it would give a silently wrong number;
    the paper's scripts use 224).
 """
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from common.checksums import BUNDLE_CARD, BUNDLE_WEIGHTS
 from common.dataspec import DataSpec, SpecError, load_spec, parse_spec, spec_path, spec_record
 from engine.run_folder import RunError, read_recorded_spec, resolve_checkpoint
 from models.checkpoint import (
@@ -101,9 +103,18 @@ def recorded_spec(ckpt: dict, run_dir: Path | None, data, command: str, source: 
 
 
 def read_record(path: Path, ckpt: dict) -> tuple:
-    """(recorded settings or None, the run folder or None): the checkpoint's args completed by config.yaml."""
+    """(recorded settings or None, the run folder or None): the checkpoint's args completed by config.yaml,
+    or, for an exported bundle's weights.pth, by its model card's flags."""
     run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
     record = dict(ckpt["args"]) if isinstance(ckpt.get("args"), dict) else None
+    card = path.parent / BUNDLE_CARD
+    if path.name == BUNDLE_WEIGHTS and card.is_file():
+        try:
+            flags = json.loads(card.read_text(encoding="utf-8"))["flags"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{card}: cannot read the bundle's flags ({e})") from None
+        if isinstance(flags, dict):
+            record = {**flags, **(record or {})}
     if run_dir is not None:
         try:
             saved = yaml.safe_load((run_dir / "config.yaml").read_text())

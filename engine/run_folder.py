@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from common.checksums import BUNDLE_CARD, BUNDLE_WEIGHTS, is_bundle, verify_folder
 from common.dataspec import DataSpec, load_spec, spec_record
 from common.errors import UserError
 from common.files import write_json, write_text_atomic  # noqa: F401  (write_json re-exported for the engine)
@@ -26,10 +27,14 @@ class RunError(UserError):
 
 
 def resolve_checkpoint(path, in_run_folder: str = "model_best.pth") -> Path:
-    """A checkpoint file, or a run folder meaning its `in_run_folder` checkpoint."""
+    """A checkpoint file, a run folder meaning its `in_run_folder` checkpoint, or a release bundle (run.py export)
+    meaning its weights.pth once every file of the bundle matches its SHA256SUMS."""
     if not path:
-        raise RunError("--ckpt_path is required here (a .pth file or a run folder)")
+        raise RunError("--ckpt_path is required here (a .pth file, a run folder or an exported bundle)")
     path = Path(path)
+    if is_bundle(path):
+        verify_folder(path, required=(BUNDLE_WEIGHTS, BUNDLE_CARD))
+        return path / BUNDLE_WEIGHTS
     if path.is_dir():
         path = path / in_run_folder
     if not path.is_file():

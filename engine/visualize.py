@@ -1,33 +1,9 @@
-"""Contour overlays: a mask's outline drawn on its image (cv2), for `predict` and TensorBoard images.
-
-Colours are RGB: prediction green, reference (ground truth or pseudo-mask) red.
-"""
-from collections.abc import Sequence
-
+"""TensorBoard images: predictions and references outlined on the network inputs (see common.contours)."""
 import numpy as np
 import torch
 
-from common.contours import draw_contours
+from common.contours import overlay, to_uint8_rgb
 from common.dataspec import IMAGENET_MEAN, IMAGENET_STD
-
-PRED_COLOR = (0, 255, 0)
-REF_COLOR = (255, 0, 0)
-
-
-def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
-    """A displayable (H, W, 3) uint8 copy of an image as `datasets.io.read_image` returns it.
-
-    RGB uint8 is kept; anything else (8-bit gray, 16-bit PNG, float DICOM) is min-max scaled to 0-255
-    and replicated to 3 channels, as `dicom_to_uint8_rgb` does for the CRF.
-    """
-    if image.ndim == 3 and image.dtype == np.uint8:
-        return np.ascontiguousarray(image[..., :3])
-    gray = image.astype(np.float32)
-    if gray.ndim == 3:
-        gray = gray.mean(-1)
-    lo, hi = float(gray.min()), float(gray.max())
-    scaled = (gray - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(gray)
-    return np.repeat(np.round(scaled).astype(np.uint8)[..., None], 3, axis=2)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -38,26 +14,6 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
         x = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return to_uint8_rgb(x[0].numpy())
-
-
-def contour_thickness(shape: Sequence[int]) -> int:
-    """1 px up to ~300 px images, thicker on large ones so the outline stays visible when zoomed out."""
-    return max(1, round(min(shape[:2]) / 300))
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray = None, thickness: int | None = None) -> np.ndarray:
-    """Prediction contour (green) and optionally a reference contour (red) on an RGB uint8 image.
-
-    Args:
-        image: (H, W, 3) uint8.
-        pred: (H, W) predicted mask.
-        ref: (H, W) ground truth or pseudo-mask, drawn first so the prediction stays on top.
-        thickness: line width in pixels (default from the image size).
-    """
-    thickness = thickness or contour_thickness(image.shape)
-    if ref is not None:
-        image = draw_contours(image, ref, REF_COLOR, thickness)
-    return draw_contours(image, pred, PRED_COLOR, thickness)
 
 
 @torch.no_grad()

@@ -58,8 +58,8 @@ def run_py_section() -> list[str]:
     return lines
 
 
-def command_section(title: str, parser: argparse.ArgumentParser) -> list[str]:
-    lines = ["", f"## `{title}`", "", "| flag | default | what it does |", "|---|---|---|"]
+def command_section(title: str, parser: argparse.ArgumentParser, note: str = "") -> list[str]:
+    lines = ["", f"## `{title}`{note}", "", "| flag | default | what it does |", "|---|---|---|"]
     for a in _visible(parser):
         lines.append(f"| {_names(a)} | {_default(a)} | {_cell(a.help or '')} |")
     return lines
@@ -71,6 +71,8 @@ def render() -> str:
     from experiments.sweep import build_parser as sweep
     from gaze.__main__ import parser as gaze
     from prepare.cli import _parser as prepare
+    from release.export import build_parser as export
+    from release.onnx_predict import build_parser as onnx_predict
 
     lines = ["# Flag reference", "",
              "Generated from the parsers by `python scripts/gen_flag_docs.py`; `--help` on each command prints the "
@@ -80,12 +82,14 @@ def render() -> str:
              "command has `--version` (the package version and the code's git commit).", ""]
     lines += run_py_section()
     lines += command_section("python run.py predict", predict())
+    lines += command_section("python run.py predict --model", onnx_predict(), ": an exported model, onnxruntime")
+    lines += command_section("python run.py export", export())
     lines += command_section("python run.py sweep", sweep())
     lines += command_section("python run.py summarize", summarize())
-    lines += command_section("python -m gaze (installed: gazesup-gaze)", gaze())
+    lines += command_section("python -m gaze", gaze(), " (installed: `gazesup-gaze`)")
     subs = next(a for a in prepare()._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subs.choices.items():
-        lines += command_section(f"python -m prepare {name} (installed: gazesup-prepare {name})", sub)
+        lines += command_section(f"python -m prepare {name}", sub, f" (installed: `gazesup-prepare {name}`)")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,8 @@ from experiments.sweep import build_parser as sweep_parser
 from gaze.__main__ import parser as gaze_parser
 from parse_args import FlagError, build_parser, parse_with_explicit
 from prepare.cli import _parser as prepare_parser
+from release.export import build_parser as export_parser
+from release.onnx_predict import build_parser as onnx_predict_parser
 
 
 def test_run_py_takes_both_spellings():
@@ -55,7 +57,7 @@ def test_unrelated_flag_gets_no_suggestion():
 
 @pytest.mark.parametrize("make, argv", [
     (build_parser, []), (predict_parser, []), (sweep_parser, []), (summarize_parser, []), (gaze_parser, []),
-    (prepare_parser, []), (prepare_parser, ["kvasir"]),
+    (prepare_parser, []), (prepare_parser, ["kvasir"]), (export_parser, []), (onnx_predict_parser, []),
 ])
 def test_version_on_every_command(make, argv, capsys):
     with pytest.raises(SystemExit) as stop:

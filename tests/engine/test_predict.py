@@ -14,9 +14,10 @@ from PIL import Image
 from scipy import ndimage
 
 import run
+from common.contours import PRED_COLOR, draw_contours
 from common.dataspec import load_spec
 from engine.predict import main as predict_main
-from engine.visualize import PRED_COLOR, denormalize, draw_contours
+from engine.visualize import denormalize
 from models.checkpoint import infer_model_args, save_checkpoint
 from models.segmentation_net import build_model
 from tests.helpers import one_error_line, only_run_dir, tiny_argv

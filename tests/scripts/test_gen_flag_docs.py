@@ -25,5 +25,5 @@ def test_flag_reference_has_every_flag_of_every_command():
         for flag in [f for f in action.option_strings if f not in ("-h", "--help")]:
             assert f"`{flag}" in text, flag
     assert "`--split-dir SPLIT_DIR`" in text and "`--crf-backend {pydensecrf,torch}`" in text
-    assert "## `python -m prepare nci-isbi" in text and _parser() is not None
+    assert "## `python -m prepare nci-isbi`" in text and _parser() is not None
     assert "--max_ite" in text and "`--max-ite`" in text  # the note on the two spellings
