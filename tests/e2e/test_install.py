@@ -63,3 +63,13 @@ def test_installed_console_commands(tmp_path):
         assert done.returncode == 0 and done.stdout.startswith(f"{prog} (gazesup {__version__}"), (cmd, done)
     typo = run([bin_dir / "gazesup-prepare", "kvasir", "--src", "S", "--out", "O", "--split_dirr", "D"], elsewhere)
     assert typo.returncode == 2 and "did you mean --split-dir?" in typo.stderr
+
+
+def test_pyproject_installs_every_package_and_module():
+    """A new top-level package or module must be listed in pyproject.toml, or the installed commands miss it."""
+    import tomllib
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests"}
+    modules = {p.stem for p in REPO.glob("*.py")}
+    assert set(tool["packages"]) == packages and set(tool["py-modules"]) == modules
