@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 PARSERS = {
     "python run.py": "parse_args:build_parser",
     "python run.py predict": "engine.predict:build_parser",
+    "python run.py predict --model": "release.onnx_predict:build_parser",  # the exported model, onnxruntime
+    "python run.py export": "release.export:build_parser",
     "python run.py sweep": "experiments.sweep:build_parser",
     "python run.py summarize": "experiments.summarize:build_parser",
-    "python run.py export": "release.export:build_parser",
-    "python run.py predict --model": "release.onnx_predict:build_parser",
     "python -m gaze": "gaze.__main__:parser",
     "python -m prepare": "prepare.cli:_parser",
 }
@@ -209,6 +209,8 @@ def check_command(command: str) -> list[str]:
         return [f"{w}: no such file" for k, w in enumerate(words) if words[k - 1] == "-r" and not (REPO / w).exists()]
     if words[0] == "bash":
         return [] if (REPO / words[1]).is_file() else [f"{words[1]}: no such script"]
+    if words[:3] == ["python", "run.py", "predict"] and "--model" in words:  # predict's onnxruntime form
+        words = words[:3] + ["--model"] + words[3:]
     for key in sorted(PARSERS, key=len, reverse=True):
         n = len(key.split())
         if words[:n] == key.split():
