@@ -9,19 +9,22 @@ import argparse
 import os
 from typing import Any
 
-from common.errors import UserError
-from common.recipes import RecipeError, read_recipe
+from common.errors import OneLineParser, UserError, command_name
+from common.recipes import RecipeError, config_path, read_recipe
 
 METHOD_ALIASES = {"gaze": "gaze_sup", "gaze_sup": "gaze_sup", "full": "full_sup", "full_sup": "full_sup",
                   "sparse": "sparse_sup", "sparse_sup": "sparse_sup"}
 USAGE = """
-  run.py [--config YAML] [flags]                      train (the paper's flags; see below)
-  run.py --test --ckpt_path RUN [--root ROOT]         evaluate a run's model_best.pth (or a .pth) on its test split
-  run.py --resume --ckpt_path RUN [--max_ite N]       continue an interrupted run in its own folder
-  run.py predict --ckpt_path RUN --input IMAGES --out DIR   masks for new images (run.py predict --help)
-  run.py sweep --presets NAMES --seeds 0,1,2 --root ROOT --exp_path EXP   presets x seeds (run.py sweep --help)
-  run.py summarize EXP                                mean ± std over seeds, summary.md/csv, curves.png
-  run.py --demo                                       synthetic data with simulated gaze, trained end to end"""
+  %(prog)s [--config YAML] [flags]                      train (the paper's flags; see below)
+  %(prog)s --test --ckpt_path RUN [--root ROOT]         evaluate a run's model_best.pth (or a .pth) on its test split
+  %(prog)s --resume --ckpt_path RUN [--max_ite N]       continue an interrupted run in its own folder
+  %(prog)s predict --ckpt_path RUN --input IMAGES --out DIR   masks for new images (%(prog)s predict --help)
+  %(prog)s sweep --presets NAMES --seeds 0,1,2 --root ROOT --exp_path EXP   presets x seeds (%(prog)s sweep --help)
+  %(prog)s summarize EXP                                mean ± std over seeds, summary.md/csv, curves.png
+  %(prog)s --demo                                       synthetic data with simulated gaze, trained end to end
+  python -m prepare kvasir|nci-isbi ...               prepare a downloaded dataset (python -m prepare --help)
+  python -m gaze --csv FIX.csv --root ROOT --data D   gaze maps from fixations (python -m gaze --help)
+  (installed with `pip install -e .`: gazesup = run.py, gazesup-prepare, gazesup-gaze)"""
 
 
 class FlagError(UserError):
@@ -47,11 +50,12 @@ def _float_list(text: str) -> list[float]:
     return [float(v) for v in str(text).replace(" ", "").strip("[]()").split(",") if v]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one-line `FlagError`s instead of usage + exit."""
+class _Parser(OneLineParser):
+    """The shared parser (both flag spellings, typo suggestions, --version; common/errors.py) whose errors are
+    `FlagError`s."""
 
     def error(self, message: str):
-        raise FlagError(message)
+        raise FlagError(self.suggest(message))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -95,13 +99,14 @@ def _flag(group, *names, roles: tuple = (), **kwargs) -> argparse.Action:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="run.py", usage=USAGE,
+        prog=command_name("run.py"), usage=USAGE,
         description="GazeSup: train and evaluate gaze-supervised segmentation (Zhong et al., MICCAI 2024). "
                     "Prepare a dataset with `python -m prepare`, make its gaze maps with `python -m gaze`.",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("run")
     _flag(g, "--config", default=None, roles=(ONE_SHOT, SWEEP_OWNED),
-          help="YAML file whose keys are flag names; explicit flags override it")
+          help="YAML file whose keys are flag names, or the name of a shipped preset (e.g. kvasir_gazesup, "
+               "kvasir_cpu); explicit flags override it")
     _flag(g, "-m", "--method", default="gaze_sup", choices=sorted(METHOD_ALIASES), roles=(SHAPE, EVALUATION),
           help="gaze_sup: train on gaze pseudo-masks; sparse_sup: on sparse labels (points, scribbles: "
                "ROOT/labels/<--label_dir>/, partial BCE over labelled pixels); full_sup: on ground-truth masks "
@@ -371,9 +376,15 @@ def parse_with_explicit(argv: list[str] | None = None) -> tuple[argparse.Namespa
     """(resolved flags, the ones the user set: --config keys overridden by command-line flags)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    if pre.config:  # a preset's name (as `sweep --presets`) or a path
+        try:
+            pre.config = str(config_path(pre.config))
+        except RecipeError as e:
+            raise FlagError(str(e), "config") from None
     config = load_config(pre.config, parser) if pre.config else {}
     parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    args.config = pre.config
     _normalize(vars(args))
     quiet = build_parser()
     for action in quiet._actions:  # a parse with no defaults: only what the command line sets

@@ -92,8 +92,9 @@ def spec_path(data: str) -> Path:
         return path
     path = BUILTIN_DIR / f"{text}.yaml"
     if not path.is_file():
+        from common.version import install_problem
         raise SpecError(f"unknown --data {text!r}: built-in datasets are {builtin_specs()}, or give a spec file "
-                        "(a .yaml path)")
+                        f"(a .yaml path){install_problem()}")
     return path
 
 

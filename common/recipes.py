@@ -66,3 +66,29 @@ def read_recipe(path, what: str = "--config") -> dict[str, Any]:
     for values in reversed(layers):
         resolved.update({k: v for k, v in values.items() if k != BASE_KEY})
     return resolved
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+NAMED_DIRS = (CONFIG_DIR / "presets", CONFIG_DIR, CONFIG_DIR / "recipes")  # looked up in this order
+
+
+def recipe_names() -> list[str]:
+    """The names --config accepts instead of a path: the shipped presets, configs and recipes."""
+    return sorted({p.stem for d in NAMED_DIRS for p in d.glob("*.yaml")})
+
+
+def config_path(text: str, what: str = "--config") -> Path:
+    """The file of --config TEXT: TEXT itself when it is a path (an existing file, or a name with a folder or a
+    .yaml/.yml suffix), else the shipped preset/config/recipe of that name (as `run.py sweep --presets`)."""
+    path = Path(text)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    for folder in NAMED_DIRS:
+        if (folder / f"{text}.yaml").is_file():
+            return folder / f"{text}.yaml"
+    import difflib
+    close = difflib.get_close_matches(text, recipe_names(), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    from common.version import install_problem
+    raise RecipeError(f"{what} {text}: no such file, and no preset or config of that name ({hint}names: "
+                      f"{', '.join(recipe_names())}){install_problem()}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from common.dataspec import builtin_specs, load_spec
-from common.errors import OneLineParser, UserError, report_user_error
+from common.errors import OneLineParser, UserError, command_name, report_user_error
 from datasets.segmentation import data_spec, normalized_image, resize
 from engine.device import pick_device
 from engine.evaluate import model_outputs, upsample_logits
@@ -47,7 +47,8 @@ def builtin_data_for(channels: int) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="run.py predict", description="Segment new images with a trained checkpoint.")
+    p = OneLineParser(prog=command_name("run.py predict"),
+                      description="Segment new images with a trained checkpoint.")
     p.add_argument("--ckpt_path", required=True,
                    help="checkpoint .pth, a run folder (its model_best.pth) or an exported bundle (its weights.pth); "
                         "for onnxruntime without torch, pass the bundle as --model instead")

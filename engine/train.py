@@ -75,6 +75,34 @@ def lr_at_epoch(args, epoch: int, total_epoch: int) -> float:
         1.0 + math.cos(math.pi * (counter - warmup) / max(total_epoch - warmup, 1)))
 
 
+ETA_WARN_SECONDS = 24 * 3600
+ETA_SAMPLE_STEPS = 2  # steps timed after the first (warm-up) before the ETA check: CPU steps can take a minute
+
+
+def schedule_warning(args, steps_per_epoch: int) -> str | None:
+    """A warning when the per-epoch cosine schedule cannot do its job: under two epochs the authors' loop
+    (see lr_at_epoch) trains at one constant lr, --lr_min itself when the run is under one epoch."""
+    if args.lr_scheduler != "cos" or args.max_ite >= 2 * steps_per_epoch:
+        return None
+    total_epoch = args.max_ite // steps_per_epoch + 1
+    lrs = sorted({lr_at_epoch(args, e, total_epoch) for e in range(1, total_epoch + 1)})
+    return (f"warning: --max_ite {args.max_ite} is under two epochs ({steps_per_epoch} steps each); the per-epoch "
+            f"cosine schedule (the paper's code) then trains at lr {', '.join(f'{v:.3g}' for v in lrs)} "
+            f"throughout{' (--lr_min)' if lrs == [args.lr_min] else ''}, so the run may learn little. Train at "
+            f"least {2 * steps_per_epoch} iterations, or use --lr_scheduler none")
+
+
+def eta_warning(remaining_iterations: int, seconds_per_iteration: float, device) -> str | None:
+    """A warning when the rest of the run would take over a day at the measured speed."""
+    eta = remaining_iterations * seconds_per_iteration
+    if eta <= ETA_WARN_SECONDS:
+        return None
+    hint = " (on the CPU: see the CPU preset, --config kvasir_cpu)" if getattr(device, "type", "") == "cpu" else ""
+    return (f"warning: at {1000 * seconds_per_iteration:.0f} ms/it the remaining {remaining_iterations} iterations "
+            f"take about {eta / 3600:.0f} hours{hint}")
+
+
+
 def split_ids(args):
     """Training ids and, with --val_fraction, a seeded held-out validation subset (used to select model_best)."""
     from datasets.io import read_ids
@@ -375,7 +403,15 @@ class Trainer:
         """Train to --max_ite (or until SIGINT/SIGTERM: a resumable checkpoint) and write metrics.json."""
         self.log.info(f"{len(self.batches.dataset)} training images, {self.test_data.total} test images, "
                       f"{self.steps_per_epoch} steps per epoch, {self.total_epoch} epochs, device {self.device}")
+        if self.dist.is_main:  # said once, at start (everything the command checks has passed)
+            if self.device.type == "cpu" and str(self.args.device).strip() != "cpu":
+                self.log.warning("warning: no GPU visible: training on the CPU (--device cpu says so and "
+                                 "silences this)")
+            warning = schedule_warning(self.args, self.steps_per_epoch)
+            if warning:
+                self.log.warning(warning)
         self._t0 = time.time()
+        self._eta_clock = None  # (time, iteration) after the first step; the ETA is checked once from it
         bar = self.progress_bar()
         try:
             with StopFlag() as stop:
@@ -423,6 +459,7 @@ class Trainer:
     def after_step(self, lr: float, stop_now: bool, bar) -> None:
         """What is due at this iteration: loss check, losses.csv row, evaluation, model_ite<N>.pth."""
         it, args = self.iteration, self.args
+        self.check_eta()
         last = it == args.max_ite
         log_due, eval_due, save_due = it % args.log_step == 0 or last, it % args.val_step == 0 or last, \
             it % args.save_step == 0
@@ -437,6 +474,18 @@ class Trainer:
             self.final = self.after_evaluation()
         if save_due:
             self.save(f"model_ite{it}.pth")
+
+    def check_eta(self) -> None:
+        """Warn once, a few steps in, when the run would take over a day at this speed."""
+        clock = getattr(self, "_eta_clock", None)
+        if clock is None:
+            self._eta_clock = (time.perf_counter(), self.iteration)
+        elif clock and self.iteration - clock[1] == ETA_SAMPLE_STEPS:
+            self._eta_clock = False  # checked
+            per_it = (time.perf_counter() - clock[0]) / ETA_SAMPLE_STEPS
+            warning = eta_warning(self.args.max_ite - self.iteration, per_it, self.device)
+            if warning and self.dist.is_main:
+                self.log.warning(warning)
 
     def report_stop(self, signal_name: str) -> dict:
         self.log.info(f"{signal_name}: saved a resumable checkpoint at iteration {self.iteration} to {self.run_dir}"

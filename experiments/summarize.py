@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import OneLineParser, UserError
+from common.errors import OneLineParser, UserError, command_name
 from common.files import atomic_path, write_text_atomic
 from common.identity import differing_keys, identity_value, read_recorded_spec, run_identity
 from parse_args import RESULT_NEUTRAL
@@ -343,6 +343,17 @@ def curve(run: Run) -> dict[int, float]:
     return points
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7 and 4 dash patterns: 28 distinct looks
+
+
+def line_style(index: int) -> dict:
+    """The look of the `index`-th line of a subplot: colour, dash pattern and marker all change with it (the
+    dashes and markers cycle at different lengths), so presets with near-equal curves stay distinguishable."""
+    return {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
+            "marker": MARKERS[index % len(MARKERS)], "markevery": 1}
+
+
 def plot_curves(runs: list[Run], path: Path) -> None:
     """Test Dice against iteration, one subplot per dataset, one line (mean over seeds) per preset, and a
     band from the seeds' minimum to maximum, at the iterations every seed evaluated."""
@@ -361,6 +372,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     datasets = sorted({k[0] for k in groups}) or ["(no finished runs)"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
     for ax, data in zip(axes[0], datasets):
+        drawn = 0
         for key, curves in sorted(groups.items()):
             d, name = key[0], labels[key]
             if d != data:
@@ -369,8 +381,9 @@ def plot_curves(runs: list[Run], path: Path) -> None:
             if not its:
                 continue
             values = [[c[i] for c in curves] for i in its]
-            line, = ax.plot(its, [statistics.fmean(v) for v in values], marker="o", ms=3,
-                            label=f"{name} (n={len(curves)})")
+            line, = ax.plot(its, [statistics.fmean(v) for v in values], ms=4, lw=1.4, mfc="none",
+                            label=f"{name} (n={len(curves)})", **line_style(drawn))
+            drawn += 1
             if len(curves) > 1:
                 ax.fill_between(its, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                                 alpha=0.2, lw=0)
@@ -413,7 +426,8 @@ def summarize(exp: Path, out: Path | None = None, plot: bool = True) -> tuple[li
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="run.py summarize", description="Summarise every run under EXP_PATH: summary.csv, "
+    p = OneLineParser(prog=command_name("run.py summarize"),
+                      description="Summarise every run under EXP_PATH: summary.csv, "
                 "summary.md, runs.csv and curves.png (mean ± sample std over seeds; unfinished runs listed apart).")
     p.add_argument("exp_path", help="the --exp_path of the runs (searched recursively for run folders)")
     p.add_argument("--out", default=None, help="where the summary files go (default: EXP_PATH)")

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, UserErrors
+from common.errors import INTERRUPTED_EXIT, OneLineParser, UserError, UserErrors, command_name
 from common.files import write_text_atomic
 from common.identity import identity_differences
 from experiments.presets import read_preset, resolve_presets
@@ -390,7 +390,8 @@ def report(outcomes: list[Outcome], jobs: list[Job]) -> str:
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="run.py sweep", description="Run presets x seeds: finished runs are skipped, interrupted "
+    p = OneLineParser(prog=command_name("run.py sweep"),
+                      description="Run presets x seeds: finished runs are skipped, interrupted "
                 "ones resumed in their folder. Flags after `--` are passed to every new run.")
     p.add_argument("--presets", nargs="+", default=None,
                    help="preset names in configs/presets/ (shell patterns such as 'kvasir_*' allowed) or YAML files")
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = sorted({j.data for j in jobs if j.root is None})
     if missing and "--root" not in extra:
         raise UserError(f"--root is missing for {', '.join(missing)}: give --root PATH or --root NAME=PATH")
-    owned = sorted(set(extra) & OWNED_FLAGS)
+    owned = sorted({a.partition("=")[0] for a in extra  # either spelling, with or without =VALUE
+                    if a.startswith("--") and "--" + a.partition("=")[0][2:].replace("-", "_") in OWNED_FLAGS})
     if owned:
         raise UserError(f"flags after `--` must not set {', '.join(owned)}: the sweep sets them (they identify a run)")
     slurm_only = [f for f in ("max_parallel", "wait") if getattr(args, f)] + [

@@ -7,11 +7,11 @@ Every error a user can cause (bad CSV, missing folder, bad option) exits with st
 import argparse
 import sys
 
-from common.errors import OneLineParser, run_cli
+from common.errors import OneLineParser, command_name, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m gaze", description="Fixation CSV -> gaze heatmaps -> "
+    p = OneLineParser(prog=command_name("python -m gaze"), description="Fixation CSV -> gaze heatmaps -> "
                                 "dense-CRF gaze maps -> Dice report (GazeMedSeg recipe). "
                                 "`python -m gaze simulate --help`: simulated fixations from masks.")
     p.add_argument("--csv", required=True, help="fixation CSV (GazeMedSeg columns, or any CSV with --columns)")

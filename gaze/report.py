@@ -98,8 +98,18 @@ def _text(img: np.ndarray, s: str) -> np.ndarray:
     return img
 
 
+def panel_label(name: str, gaze_map, mask) -> str:
+    """A map panel's caption: its name and, with a mask, its Dice (map > 0.5 against the mask, soft GT: the
+    report's first column), so a reader can tell a good map from a bad one at a glance."""
+    if gaze_map is None:
+        return f"{name}: not computed"
+    if mask is None:
+        return name
+    return f"{name}  Dice {100 * map_dice(gaze_map, mask)[0]:.1f}"
+
+
 def sheet_row(image, xs, ys, heatmap, crf, mask, title: str) -> np.ndarray:
-    """One row: image with fixations, heatmap, CRF map (each with the GT contour in white).
+    """One row: image with fixations, heatmap, CRF map (each with the GT contour in white, and its Dice).
 
     Args:
         image: RGB uint8 (H, W, 3) or None (drawn gray); xs, ys: normalised fixation coordinates.
@@ -110,20 +120,46 @@ def sheet_row(image, xs, ys, heatmap, crf, mask, title: str) -> np.ndarray:
     base = image.copy() if image is not None else np.full((h, w, 3), 96, np.uint8)
     r = max(2, round(min(h, w) / 80))
     for x, y in zip(xs, ys):
-        cv2.circle(base, (int(round(x * (w - 1))), int(round(y * (h - 1)))), r, (255, 255, 0), -1)
+        cv2.circle(base, (int(round(x * (w - 1))), int(round(y * (h - 1)))), r, FIXATION_RGB, -1)
     first = _panel(_contour(base, mask))
     panels = [_text(first, title[:max(4, first.shape[1] // 9)])]
     for name, m in (("heatmap", heatmap), ("CRF", crf)):
         p = _contour(_colour(m), mask) if m is not None else np.full((h, w, 3), 64, np.uint8)
-        panels.append(_text(_panel(p), name if m is not None else f"{name}: not computed"))
+        panels.append(_text(_panel(p), panel_label(name, m, mask)))
     return np.concatenate(panels, axis=1)
 
 
+FIXATION_RGB = (255, 255, 0)
+KEY_HEIGHT = 56
+
+
+def key_row(width: int) -> np.ndarray:
+    """The sheet's key: a colour bar of the map values 0 to 1 (the panels' colour map) and what the marks mean."""
+    row = np.zeros((KEY_HEIGHT, width, 3), np.uint8)
+    bar_w = min(width - 16, 256)
+    bar = _colour(np.tile(np.linspace(0, 1, bar_w, dtype=np.float32), (14, 1)))
+    row[20:34, 8:8 + bar_w] = bar
+    for value in (0, 0.5, 1):
+        x = 8 + round(value * (bar_w - 1))
+        cv2.putText(row, f"{value:g}", (max(0, x - 6), 48), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    cv2.putText(row, "map value", (8, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    x = 8 + bar_w + 16
+    cv2.circle(row, (x + 4, 12), 4, FIXATION_RGB, -1)
+    cv2.putText(row, "fixation", (x + 14, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.line(row, (x, 30), (x + 9, 30), (255, 255, 255), 2)
+    cv2.putText(row, "ground-truth outline", (x + 14, 34), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    cv2.putText(row, "Dice: (map > 0.5) vs mask, %", (x, 50), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return row
+
+
 def make_sheet(rows: list) -> np.ndarray:
-    """Stack rows (different widths allowed) on a black background, RGB uint8."""
+    """Stack rows (different widths allowed) on a black background, with the key (key_row) below; RGB uint8."""
     width = max(r.shape[1] for r in rows)
     padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate(padded, axis=0)
+    return np.concatenate(padded + [key_row(width)], axis=0)
 
 
 def save_sheet(sheet: np.ndarray, path) -> None:

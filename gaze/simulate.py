@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.dataspec import load_spec
-from common.errors import OneLineParser, UserError, run_cli
+from common.errors import OneLineParser, UserError, command_name, run_cli
 from common.files import atomic_path, write_json
 
 CSV_COLUMNS = ["IMAGE", "CURRENT_FIX_INDEX", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION",
@@ -264,7 +264,7 @@ def gaze_statistics(fixations: Dict[str, "object"], masks: Dict[str, np.ndarray]
 
 # ---------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m gaze simulate", description=__doc__,
+    p = OneLineParser(prog=command_name("python -m gaze") + " simulate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="dataset root with masks/ (only read)")
     p.add_argument("--out", required=True, help="the fixation CSV to write (GazeMedSeg columns)")

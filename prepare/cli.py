@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from common.dataspec import load_spec
-from common.errors import OneLineParser, run_cli
+from common.errors import OneLineParser, command_name, run_cli
 from datasets.io import DataError
 from prepare.boxes import BOX_CRF_DIR, BOX_DIR, check_box_file, make_box_maps, map_dice_report
 from prepare.kvasir import prepare_kvasir
@@ -31,7 +31,7 @@ from prepare.util import warn
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m prepare", description=__doc__,
+    parser = OneLineParser(prog=command_name("python -m prepare"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from common.checksums import BUNDLE_CARD, BUNDLE_CARD_MD, BUNDLE_ONNX, BUNDLE_WEIGHTS, SUMS_NAME, sums_text
 from common.dataspec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, load_spec, spec_record
-from common.errors import OneLineParser, UserError, report_user_error
+from common.errors import OneLineParser, UserError, command_name, report_user_error
 from common.files import write_json, write_text_atomic
 from engine.evaluate import model_outputs
 from engine.predict import resolve_config
@@ -204,7 +204,7 @@ def plain(value):
 
 # ---------------------------------------------------------------- the command
 def build_parser():
-    p = OneLineParser(prog="run.py export", description="Write a release bundle: model.onnx (pre- and "
+    p = OneLineParser(prog=command_name("run.py export"), description="Write a release bundle: model.onnx (pre- and "
                       "post-processing inside), weights.pth, model_card.json/.md, SHA256SUMS.")
     p.add_argument("--ckpt_path", required=True, help="checkpoint .pth or a run folder (its model_best.pth)")
     p.add_argument("--out", required=True, help="the bundle folder to create (must not exist, or be empty)")

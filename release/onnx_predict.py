@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from common.errors import OneLineParser, UserError, report_user_error
+from common.errors import OneLineParser, UserError, command_name, report_user_error
 from engine.predict_io import (
     check_channels,
     check_out_folder,
@@ -25,7 +25,7 @@ from release.bundle import DIVISOR_NAME, INPUT_NAME, BundleError, check_interfac
 
 
 def build_parser():
-    p = OneLineParser(prog="run.py predict --model",
+    p = OneLineParser(prog=command_name("run.py predict --model"),
                       description="Segment new images with an exported model (onnxruntime, no torch).")
     p.add_argument("--model", required=True, help="an exported bundle folder (run.py export) or its model.onnx")
     p.add_argument("--input", nargs="+", required=True, help="image files (jpg/png/dcm) and/or folders of them")

@@ -13,6 +13,9 @@
 #        (e.g. "--device cpu --spatial-size 32 ..." to try the script on a CPU).
 set -uo pipefail
 OUT=${1:?usage: $0 OUT [ROOT]}; ROOT=${2:-}
+# relative OUT and ROOT are read from the folder you call it from, before the cd into the repository
+[[ "$OUT" = /* ]] || OUT="$PWD/$OUT"
+[[ -z "$ROOT" || "$ROOT" = /* ]] || ROOT="$PWD/$ROOT"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=$(command -v python3 || command -v python)

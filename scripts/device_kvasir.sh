@@ -4,8 +4,10 @@
 # (logs, metrics.json, benchmark JSON), never the checkpoints. A second call with `collect` waits again.
 # usage: scripts/device_kvasir.sh start|collect TOTAL_SECONDS [ROOT]
 set -uo pipefail
+MODE=${1:?start|collect}; TOTAL=${2:?seconds}; ROOT=${3:-}
+[[ -z "$ROOT" || "$ROOT" = /* ]] || ROOT="$PWD/$ROOT"  # relative to your folder, resolved before the cd
 cd "$(dirname "$0")/.."
-MODE=${1:?start|collect}; TOTAL=${2:?seconds}; ROOT=${3:-.data/kvasir}
+ROOT=${ROOT:-.data/kvasir}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/repro /tmp/bin
 LOG=/tmp/repro/run.log
 export PYTHONUNBUFFERED=1

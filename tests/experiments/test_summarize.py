@@ -181,3 +181,12 @@ def test_a_malformed_run_is_listed_and_the_rest_summarised(tmp_path, capsys):
                                                                     "number")
     assert listed[str(bad_config.relative_to(exp))] == ("unreadable", "config.yaml: max_ite 'sixty' is not an "
                                                                       "integer")
+
+
+def test_overlapping_curves_differ_in_dashes_and_markers():
+    from experiments.summarize import line_style
+
+    looks = [line_style(i) for i in range(12)]
+    for a, b in zip(looks, looks[1:]):  # neighbours (near-equal presets sort together) differ in every respect
+        assert a["color"] != b["color"] and a["linestyle"] != b["linestyle"] and a["marker"] != b["marker"]
+    assert len({(s["linestyle"], s["marker"]) for s in looks}) == 12
