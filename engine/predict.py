@@ -15,7 +15,6 @@ records wins, and a model-shape flag that differs from it is an error; for a pap
 levels, widths and input channels are read from the weights, and --spatial_size is required.
 """
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from common.dataspec import builtin_specs, load_spec
-from common.errors import OneLineParser, UserError, command_name, report_user_error
+from common.errors import OneLineParser, command_name
 from datasets.segmentation import data_spec, normalized_image, resize
 from engine.device import pick_device
 from engine.evaluate import model_outputs, upsample_logits
@@ -31,9 +30,9 @@ from engine.predict_io import (
     check_channels,
     check_out_folder,
     check_threshold,
-    list_inputs,
+    inputs_with_warning,
     predict_each,
-    summarize_skipped,
+    run_predict,
 )
 from engine.restore import Restored, restore, restored_model
 from engine.run_folder import RunError
@@ -131,20 +130,14 @@ def predict_files(model, cfg: dict, files: List[Path], out: Path, device: torch.
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> str:
         check_threshold(args.threshold)
         check_out_folder(Path(args.out))
         device = pick_device(args.device)
-        files, skipped = list_inputs(args.input)
-        if skipped:
-            print(f"warning: {summarize_skipped(skipped)}", file=sys.stderr)
+        files = inputs_with_warning(args.input)
         model, cfg = load_model(args.ckpt_path, args, device)
         written = predict_files(model, cfg, files, Path(args.out), device, args.threshold, args.save_prob, args.quiet)
-    except (UserError, FileNotFoundError) as e:
-        return report_user_error(e)
-    except OSError as e:  # a write failing after the checks (disk full, a folder named like an output, ...)
-        print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(files)} image(s) -> {len(written)} files in {args.out} "
-          f"({cfg['method']}, {data_spec(cfg['data']).name}, {cfg['spatial_size']} px, device {device})")
-    return 0
+        return (f"{len(files)} image(s) -> {len(written)} files in {args.out} "
+                f"({cfg['method']}, {data_spec(cfg['data']).name}, {cfg['spatial_size']} px, device {device})")
+    return run_predict(args.out, body)

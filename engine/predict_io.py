@@ -7,14 +7,16 @@ OUT/<stem>_overlay.png (the mask's contour on the image; a DICOM slice or 16-bit
 with --save_prob, OUT/<stem>_prob.png (probability * 255, rounded).
 """
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from common.contours import overlay, to_uint8_rgb
-from common.errors import UserError, one_line
+from common.errors import USAGE_EXIT, UserError, one_line, report_user_error
 from datasets.io import DataError, image_channels, image_size, read_image
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
@@ -160,3 +162,26 @@ def predict_each(files: list[Path], out: Path, prob_of, threshold: float, save_p
         if not quiet:
             print(f"{f} -> {paths[0].name} ({100 * (prob > threshold).mean():.1f}% foreground)")
     return written
+
+
+def inputs_with_warning(inputs: list[str]) -> list[Path]:
+    """`list_inputs`, with one warning line on stderr for what was passed over."""
+    files, skipped = list_inputs(inputs)
+    if skipped:
+        print(f"warning: {summarize_skipped(skipped)}", file=sys.stderr)
+    return files
+
+
+def run_predict(out: str, body: Callable[[], str]) -> int:
+    """Run `body` (the checks, then the predictions; it returns the closing line) with predict's exit statuses:
+    a user error is one `error:` line and 2; a write failing after the checks (disk full, a folder named like
+    an output) names the output folder."""
+    try:
+        summary = body()
+    except (UserError, FileNotFoundError) as e:
+        return report_user_error(e)
+    except OSError as e:
+        print(f"error: predicting into {out} stopped: {e}", file=sys.stderr)
+        return USAGE_EXIT
+    print(summary)
+    return 0

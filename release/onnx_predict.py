@@ -6,7 +6,6 @@ A bundle folder's files are checked against its SHA256SUMS first (a mismatch nam
 gives the threshold (--threshold overrides it). The outputs and inputs are those of the torch predict
 (engine.predict_io). This module and what it imports never import torch.
 """
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,9 +16,9 @@ from engine.predict_io import (
     check_channels,
     check_out_folder,
     check_threshold,
-    list_inputs,
+    inputs_with_warning,
     predict_each,
-    summarize_skipped,
+    run_predict,
 )
 from release.bundle import DIVISOR_NAME, INPUT_NAME, BundleError, check_interface, locate_model
 
@@ -87,7 +86,8 @@ def card_threshold(card: Optional[dict]) -> float:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> str:
         if args.threshold is not None:
             check_threshold(args.threshold)
         check_out_folder(Path(args.out))
@@ -95,19 +95,12 @@ def main(argv: Optional[list] = None) -> int:
             raise UserError(f"--threads is {args.threads}, expected 0 (onnxruntime's default) or more")
         onnx_path, card = locate_model(args.model)
         threshold = args.threshold if args.threshold is not None else card_threshold(card)
-        files, skipped = list_inputs(args.input)
-        if skipped:
-            print(f"warning: {summarize_skipped(skipped)}", file=sys.stderr)
+        files = inputs_with_warning(args.input)
         model = OnnxModel(onnx_path, args.threads)
         written = predict_files(model, files, Path(args.out), threshold, args.save_prob, args.quiet)
-    except (UserError, FileNotFoundError) as e:
-        return report_user_error(e)
-    except OSError as e:  # a write failing after the checks (disk full, a folder named like an output, ...)
-        print(f"error: predicting into {args.out} stopped: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(files)} image(s) -> {len(written)} files in {args.out} ({onnx_path}, onnxruntime, "
-          f"threshold {threshold})")
-    return 0
+        return (f"{len(files)} image(s) -> {len(written)} files in {args.out} ({onnx_path}, onnxruntime, "
+                f"threshold {threshold})")
+    return run_predict(args.out, body)
 
 
 def dispatch(argv: list) -> int:

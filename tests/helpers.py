@@ -41,3 +41,28 @@ def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
+
+
+NARROW = {"features": [8, 8, 16, 16, 32, 8], "feat_dim": 8}  # the widths of TINY_MODEL
+
+
+def random_checkpoint(path: Path, method="gaze_sup", in_channels=3, data="kvasir", spatial_size=32, paper=False,
+                      seed=0):
+    """A randomly initialised narrow model (2 levels for gaze_sup) saved as this project does (with "args") or
+    as the paper does; returns the model."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.segmentation_net import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(method, num_levels=2, in_channels=in_channels, **NARROW)
+    if paper:
+        state = {"state_dict": model.state_dict(), "opt": {}, "epoch": 1, "iteration": 0,
+                 "best_performance": np.float64(0.5), "best_iteration": 0}
+    else:
+        state = {"state_dict": model.state_dict(), "iteration": 0,
+                 "args": dict(method=method, num_levels=2, in_channels=in_channels, data=data,
+                              spatial_size=spatial_size, **NARROW)}
+    save_checkpoint(path, state)
+    return model

@@ -20,33 +20,16 @@ from engine.predict import main as predict_main
 from engine.visualize import denormalize
 from models.checkpoint import infer_model_args, save_checkpoint
 from models.segmentation_net import build_model
-from tests.helpers import one_error_line, only_run_dir, tiny_argv
+from tests.helpers import NARROW, one_error_line, only_run_dir, random_checkpoint, tiny_argv
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
-WIDTHS = {"features": [8, 8, 16, 16, 32, 8], "feat_dim": 8}
+WIDTHS = NARROW
 
 
 def border(mask: np.ndarray) -> np.ndarray:
     """Mask pixels with a 4-neighbour outside the mask (scipy, independent of cv2)."""
     return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(2, 1), border_value=0)
-
-
-def random_checkpoint(path: Path, method="gaze_sup", in_channels=3, data="kvasir", spatial_size=32, paper=False,
-                      seed=0) -> torch.nn.Module:
-    """A randomly initialised narrow model saved as this project does (with "args") or as the paper does."""
-    torch.manual_seed(seed)
-    model = build_model(method, num_levels=2, in_channels=in_channels, features=WIDTHS["features"],
-                        feat_dim=WIDTHS["feat_dim"])
-    if paper:
-        state = {"state_dict": model.state_dict(), "opt": {}, "epoch": 1, "iteration": 0,
-                 "best_performance": np.float64(0.5), "best_iteration": 0}
-    else:
-        state = {"state_dict": model.state_dict(), "iteration": 0,
-                 "args": dict(method=method, num_levels=2, in_channels=in_channels, data=data,
-                              spatial_size=spatial_size, **WIDTHS)}
-    save_checkpoint(path, state)
-    return model
 
 
 def test_overlay_outlines_exactly_the_mask_border():

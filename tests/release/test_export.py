@@ -17,13 +17,11 @@ import run
 from engine.predict import build_parser as torch_predict_parser
 from engine.predict import load_model, prepare, probability
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.segmentation_net import build_model
 from release.onnx_predict import OnnxModel
-from tests.helpers import one_error_line, only_run_dir, tiny_argv
+from tests.helpers import NARROW, one_error_line, only_run_dir, random_checkpoint, tiny_argv
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
-NARROW = {"features": [8, 8, 16, 16, 32, 8], "feat_dim": 8}
 TOL = 1e-4
 
 
@@ -63,18 +61,8 @@ def assert_same_predictions(ckpt: Path, bundle: Path, images: list[np.ndarray], 
 
 def checkpoint(path: Path, in_channels=3, data="kvasir", spatial_size=32, paper=False, seed=0,
                method="gaze_sup") -> Path:
-    """A randomly initialised narrow model (2 levels for gaze_sup) saved as this project does (with "args") or as
-    the paper does."""
-    torch.manual_seed(seed)
-    model = build_model(method, num_levels=2, in_channels=in_channels, **NARROW)
-    if paper:
-        state = {"state_dict": model.state_dict(), "opt": {}, "epoch": 1, "iteration": 0,
-                 "best_performance": np.float64(0.5), "best_iteration": 0}
-    else:
-        state = {"state_dict": model.state_dict(), "iteration": 0,
-                 "args": dict(method=method, num_levels=2, in_channels=in_channels, data=data,
-                              spatial_size=spatial_size, **NARROW)}
-    save_checkpoint(path, state)
+    """tests.helpers.random_checkpoint, returning its path."""
+    random_checkpoint(path, method, in_channels, data, spatial_size, paper, seed)
     return path
 
 
