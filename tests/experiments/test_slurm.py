@@ -166,6 +166,7 @@ def test_local_executor_requeue_resumes_the_run(tmp_path, monkeypatch):
     executor = submitit.LocalExecutor(folder=exp / "sweep_logs" / "slurm")
     executor.update_parameters(timeout_min=60)
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the reference: another thread count rounds differently
     job = sweep.make_jobs([a], [0], {None: str(root)})[0]
     submitted, left = slurm.launch(exp, [job], [], slurm.SlurmSettings(), dry_run=False, executor=executor)
     assert [(j.label, action) for j, action, _ in submitted] == [("kvasir/tinyA seed 0", "start")] and not left
