@@ -7,14 +7,15 @@ __version__ = "0.1.0"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def git_commit() -> str | None:
-    """The short commit of the checkout this code runs from (with `+changes` when files differ from it), or
-    None when the code is not in a git checkout or git is not installed."""
+def git_commit(short: bool = True) -> str | None:
+    """The commit of the checkout this code runs from (12 hex digits, or all 40 with `short=False`; with
+    `+changes` when files differ from it), or None when the code is not in a git checkout or git is not
+    installed."""
     if not (REPO / ".git").exists():
         return None
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12" if short else "--verify", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],

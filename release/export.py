@@ -11,7 +11,6 @@ checked against the torch model on a probe batch before anything is written.
 import datetime
 import json
 import shutil
-import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -25,6 +24,7 @@ from common.checksums import BUNDLE_CARD, BUNDLE_CARD_MD, BUNDLE_ONNX, BUNDLE_WE
 from common.dataspec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, load_spec, spec_record
 from common.errors import OneLineParser, UserError, command_name, report_user_error
 from common.files import write_json, write_text_atomic
+from common.version import git_commit
 from engine.evaluate import model_outputs
 from engine.predict import resolve_config
 from engine.predict_io import check_out_folder, check_threshold
@@ -118,16 +118,8 @@ def check_against_torch(graph: InferenceGraph, channels: int, path: Path, seed: 
 
 # ---------------------------------------------------------------- what the card says
 def code_commit() -> str:
-    """The commit of this code (with ' + uncommitted changes' when the tree differs), or 'unknown'."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=20).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head + (" + uncommitted changes" if dirty else "")) if head else "unknown"
+    """The full commit of this code (with `+changes` when the tree differs), or 'unknown'."""
+    return git_commit(short=False) or "unknown"
 
 
 def read_metrics(run_dir: Optional[Path]) -> Optional[dict]:
