@@ -93,7 +93,8 @@ def read_gray(path) -> np.ndarray:
         raise DataError(f"cannot read {path}: {e}") from e
 
 
-LABEL_VALUES = (0, 1, 255)  # sparse label maps: background, foreground, unlabelled
+IGNORE = 255  # the unlabelled value of a label map or training target (losses.IGNORE is the same value)
+LABEL_VALUES = (0, 1, IGNORE)  # sparse label maps: background, foreground, unlabelled
 
 
 def read_labels(path) -> np.ndarray:

@@ -12,10 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from common.dataspec import DataSpec, load_spec
-from datasets.io import DataError, image_size, other_extension, read_gray, read_ids, read_image, read_labels
-
-IGNORE = 255  # an unlabelled target pixel (sparse labels, the gaze uncertain band); losses.IGNORE
-METHODS = ("gaze_sup", "sparse_sup", "full_sup")
+from common.methods import METHODS
+from datasets.io import (
+    IGNORE,
+    DataError,
+    image_size,
+    other_extension,
+    read_gray,
+    read_ids,
+    read_image,
+    read_labels,
+)
 
 
 def data_spec(data) -> DataSpec:

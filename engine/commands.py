@@ -39,7 +39,6 @@ def default_settings() -> dict:
 
 def restore_run(args: Namespace, explicit: dict, command: str):
     """(Restored, the settings of this command): the run's record, the safe flags, this command's own flags."""
-
     restored = restore(args.ckpt_path, explicit, command, default_settings())
     config = dict(restored.config)
     for key in flags_with(ONE_SHOT) + ("quiet",):  # this command's own
@@ -60,7 +59,6 @@ def restore_run(args: Namespace, explicit: dict, command: str):
 def open_run_dir(args: Namespace, dist_ctx, log, kind: str = "", existing: Path | None = None) -> Path:
     """The run folder on every rank: `existing` (a resumed run) or a new one made by rank 0; then log.txt
     (with what was logged so far) and config.yaml."""
-
     run_dir = existing
     if run_dir is None and dist_ctx.is_main:
         run_dir = create_run_dir(args, kind)
@@ -78,7 +76,6 @@ def open_run_dir(args: Namespace, dist_ctx, log, kind: str = "", existing: Path 
 
 def run_test(args: Namespace, explicit: dict, device, dist_ctx) -> int:
     """Evaluate a checkpoint with its run's settings; writes metrics.json and per_image_metrics.csv."""
-
     restored, args = restore_run(args, explicit, "test")
     run_dir = restored.run_dir.resolve() if restored.run_dir is not None else None
     if "exp_path" not in explicit and run_dir is not None and run_dir.parent.parent.name == str(args.seed):
@@ -105,7 +102,6 @@ def run_test(args: Namespace, explicit: dict, device, dist_ctx) -> int:
 def check_resume_point(restored, settings: Namespace) -> None:
     """Resuming in place must not go back in time: the checkpoint is the folder's latest, and --max_ite
     is not below its iteration."""
-
     iteration = int(restored.ckpt.get("iteration", 0))
     if settings.max_ite < iteration:
         raise RunError(f"--max_ite {settings.max_ite} is below the iteration of {restored.path} ({iteration})")
@@ -120,7 +116,6 @@ def check_resume_point(restored, settings: Namespace) -> None:
 
 def trim_losses(run_dir: Path, iteration: int) -> None:
     """Drop losses.csv rows after `iteration` (written after the checkpoint; the resumed run rewrites them)."""
-
     path = run_dir / "losses.csv"
     if not path.is_file():
         return

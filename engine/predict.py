@@ -23,6 +23,7 @@ import torch
 
 from common.dataspec import builtin_specs, load_spec
 from common.errors import OneLineParser, command_name
+from common.methods import METHODS
 from datasets.segmentation import data_spec, normalized_image, resize
 from engine.device import pick_device
 from engine.evaluate import model_outputs, upsample_logits
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_prob", action="store_true", help="also write the probability map (0-255 PNG)")
     p.add_argument("--quiet", action="store_true", help="no line per image")
     g = p.add_argument_group("model shape, only for checkpoints that do not record it")
-    g.add_argument("-m", "--method", default=None, choices=["gaze_sup", "sparse_sup", "full_sup"])
+    g.add_argument("-m", "--method", default=None, choices=list(METHODS))
     g.add_argument("--num_levels", type=int, default=None)
     g.add_argument("--features", type=_int_list, default=None, help="6 comma-separated U-Net widths")
     g.add_argument("--feat_dim", type=int, default=None)

@@ -312,8 +312,7 @@ class Trainer:
             raise RunError(f"{path} holds no optimizer state ('opt'): an exact resume needs it (a fresh optimizer "
                            f"would silently change the run). Start a new run instead")
         try:
-            if ckpt.get("opt"):
-                self.optimizer.load_state_dict(ckpt["opt"])
+            self.optimizer.load_state_dict(ckpt["opt"])
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError) as e:

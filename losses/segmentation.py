@@ -31,7 +31,7 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     return (per_image * valid).sum() / valid.sum().clamp(min=1)  # no host sync: no data-dependent branch
 
 
-IGNORE = 255  # the unlabelled value of a supervision map (the segmentation ignore-index convention)
+IGNORE = 255  # the unlabelled value of a supervision map (the segmentation ignore-index convention; datasets.io.IGNORE)
 
 
 def partial_bce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore: int = IGNORE,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.methods import METHODS
 
 _SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
 NUMPY_FLOAT64_GLOBALS = [
@@ -251,8 +252,8 @@ def check_recorded_args(saved: dict, path: str | os.PathLike | None = None) -> N
     def positive_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-    methods = ("gaze_sup", "sparse_sup", "full_sup")
-    checks = {"method": (lambda v: v in methods, "'gaze_sup', 'sparse_sup' or 'full_sup'"),
+    checks = {"method": (lambda v: v in METHODS,
+                         ", ".join(f"{m!r}" for m in METHODS[:-1]) + f" or {METHODS[-1]!r}"),
               "in_channels": (positive_int, "an integer >= 1"),
               "feat_dim": (positive_int, "an integer >= 1"),
               "features": (lambda v: isinstance(v, (list, tuple)) and len(v) == 6 and all(map(positive_int, v)),

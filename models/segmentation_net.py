@@ -6,12 +6,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from common.methods import MULTI_LEVEL_METHODS
 from models.basic_unet import BasicUNet
 from models.feature_propagation import PROPAGATIONS, Propagation, propagation_function
 
 PAPER_FEATURES = (64, 128, 256, 512, 1024, 128)
 
-MULTI_LEVEL_METHODS = ("gaze_sup", "sparse_sup")  # one network per level, consistency between levels
 
 
 class SegNet(nn.Module):

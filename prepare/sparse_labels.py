@@ -53,9 +53,8 @@ from scipy import ndimage
 
 from common.dataspec import load_spec
 from common.files import write_json, write_text_atomic
-from datasets.io import DataError, read_gray, read_ids
+from datasets.io import IGNORE, DataError, read_gray, read_ids
 
-IGNORE = 255
 KINDS = ("points", "scribbles")
 EIGHT = ndimage.generate_binary_structure(2, 2)
 

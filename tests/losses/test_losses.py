@@ -243,3 +243,10 @@ def test_gaze_sup_loss_partial_leaves_the_consistency_term_unchanged():
         assert log[f"loss_seg_{i}"].item() == pytest.approx(
             bce_direct(outputs[f"logits_{i}"].detach(), sparse[i - 1].clamp(max=1), labelled), rel=1e-9)
     assert total.item() == pytest.approx(log["loss_seg_1"] + log["loss_seg_2"] + 3.0 * 2 * log["loss_cons"], rel=1e-9)
+
+
+def test_the_loss_ignores_the_value_the_datasets_write():
+    """losses cannot import datasets (the layering): the two constants must agree."""
+    from datasets.io import IGNORE as DATASETS_IGNORE
+    from losses import IGNORE
+    assert IGNORE == DATASETS_IGNORE
