@@ -33,7 +33,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.files import write_text_atomic
 from experiments.summarize import read_run
-from experiments.sweep import Job, SweepLock, command, existing_runs, plan
+from experiments.sweep import Job, SweepLock, command, existing_runs, other_settings, plan, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path("sweep_logs") / "slurm_jobs.json"
@@ -375,13 +375,22 @@ def wait(job_ids: list[str], poll_s: float = 5.0, timeout_s: float | None = None
         time.sleep(poll_s)
 
 
-def main(exp: Path, jobs: list[Job], extra: list[str], args) -> int:
+def main(exp: Path, jobs: list[Job], extra: list[str], args, roots: dict) -> int:
     """`run.py sweep --launcher slurm`: 0 when submitted (with --wait: when every run finished), 1 otherwise."""
     settings = settings_from(args)
     if args.dry_run:
+        time_minutes(settings.time)
+    else:
+        check_slurm(settings)
+    # the local sweep's checks before anything is submitted, and each job's identity: a run of the same name
+    # with other settings (a smoke test) is another experiment, neither skipped nor resumed (sweep.plan)
+    preflight(exp, jobs, roots, extra)
+    for job in jobs:
+        for line in other_settings(exp, job):
+            print(line if args.dry_run else f"sweep: {line}")
+    if args.dry_run:
         launch(exp, jobs, extra, settings, dry_run=True)
         return 0
-    check_slurm(settings)
     try:
         exp.mkdir(parents=True, exist_ok=True)
     except OSError as e:

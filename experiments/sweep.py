@@ -4,8 +4,9 @@
     python run.py sweep --presets 'kvasir_*' --seeds 0,1,2 --root data/kvasir --exp_path EXP --gpus 0,1,2,3
     python run.py sweep ... -- --num_worker 8 --amp bf16     # flags after `--` go to every new run
 
-A run is identified by (dataset, run_name, seed): its folder EXP/<seed>/<data>/<run_name>_<timestamp>/. A run
-whose metrics.json reached max_ite is skipped; an interrupted one (model_latest.pth, no metrics.json) is
+A run is identified by (dataset, run_name, seed) and its settings (common.identity.run_identity): its folder
+EXP/<seed>/<data>/<run_name>_<timestamp>/; a folder of the same name with other settings is another experiment.
+A run whose metrics.json reached max_ite is skipped; an interrupted one (model_latest.pth, no metrics.json) is
 resumed in its folder with `run.py --resume --ckpt_path RUN` (plus --root, and --device 0 under --gpus);
 otherwise a new run starts. Each child's output
 goes to EXP/sweep_logs/<data>/<run_name>_seed<seed>.log. A failed child is reported and the others go on.
@@ -123,7 +124,7 @@ def root_problem(root: str | None, settings) -> str:
     need = ["images", f"{settings.train_split}.txt", f"{settings.test_split}.txt"]
     need.append(f"gaze/{settings.gaze_dir}" if settings.method == "gaze_sup" else "masks")
     missing = [n for n in need if not (path / n).exists()]
-    return f"--root {root} lacks {', '.join(missing)} (prepare it first: python -m datasets.prepare)" if missing else ""
+    return f"--root {root} lacks {', '.join(missing)} (prepare it first: python -m prepare)" if missing else ""
 
 
 def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None:
@@ -430,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.presets:
         raise UserError("run.py sweep: the following arguments are required: --presets (see run.py sweep --help)")
     exp = Path(args.exp_path)
-    jobs = make_jobs(resolve_presets(args.presets), _seeds(args.seeds), _roots(args.root))
+    seeds, roots = _seeds(args.seeds), _roots(args.root)
+    jobs = make_jobs(resolve_presets(args.presets), seeds, roots)
     missing = sorted({j.data for j in jobs if j.root is None})
     if missing and "--root" not in extra:
         raise UserError(f"--root is missing for {', '.join(missing)}: give --root PATH or --root NAME=PATH")
@@ -446,13 +448,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--gpus is for --launcher local; with --launcher slurm ask for GPUs with "
                             "--slurm_gpus_per_task")
         from experiments.slurm import main as slurm_main
-        return slurm_main(exp, jobs, extra, args)
+        return slurm_main(exp, jobs, extra, args, roots)
     if slurm_only:
         raise UserError(f"--{slurm_only[0]} is for --launcher slurm (this sweep runs locally)")
     gpus = [g for g in args.gpus.replace(" ", "").split(",") if g] if args.gpus else None
     if gpus:
         check_gpus(gpus)
-    preflight(exp, jobs, _roots(args.root), extra)
+    preflight(exp, jobs, roots, extra)
     if args.dry_run:
         for job in jobs:
             for line in other_settings(exp, job):
@@ -466,7 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         raise UserError(f"cannot create --exp_path {exp}: {e}") from None
     sweep = Sweep(exp, jobs, extra, gpus)
-    seeds = _seeds(args.seeds)
     with SweepLock(exp):
         from experiments.slurm import active_runs
         held = active_runs(exp)

@@ -22,7 +22,7 @@ import yaml
 
 from common.errors import UserError
 from experiments import slurm, sweep
-from tests.experiments.test_sweep import MAX_ITE, run_dirs, tiny_preset
+from tests.experiments.test_sweep import MAX_ITE, fake_root, recorded_run, run_dirs, tiny_preset
 from tests.helpers import tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,12 +66,9 @@ def test_slurm_time_in_minutes(text, minutes):
 def test_dry_run_prints_the_array_and_submits_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm here: a dry run still shows the plan
     a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
-    exp = tmp_path / "exp"
-    done = exp / "1" / "kvasir" / "tinyA_20260101-000000"
-    done.mkdir(parents=True)
-    (done / "config.yaml").write_text(yaml.safe_dump({"run_name": "tinyA", "seed": 1, "max_ite": MAX_ITE}))
-    (done / "metrics.json").write_text(json.dumps({"final_iteration": MAX_ITE, "final": {"mdice": 0.5}}))
-    argv = ["--presets", str(a), "--seeds", "0,1,2", "--root", "R", "--exp_path", str(exp), "--launcher", "slurm",
+    exp, root = tmp_path / "exp", fake_root(tmp_path / "R")
+    done = recorded_run(exp, a, 1, root, extra=["--num_worker", "2"])
+    argv = ["--presets", str(a), "--seeds", "0,1,2", "--root", str(root), "--exp_path", str(exp), "--launcher", "slurm",
             "--max_parallel", "1", "--slurm_partition", "gpu", "--slurm_time", "1-00:00:00", "--slurm_mem", "32G",
             "--slurm_gpus_per_task", "1", "--slurm_cpus_per_task", "8", "--slurm_account", "lab",
             "--slurm_qos", "normal", "--sbatch", "constraint=a100", "--sbatch", "exclusive", "--dry_run",
@@ -81,7 +78,7 @@ def test_dry_run_prints_the_array_and_submits_nothing(tmp_path, capsys, monkeypa
     lines = out.splitlines()
     assert lines[0] == f"kvasir/tinyA seed 1: finished in {done}: skipped"
     assert lines[1].startswith("kvasir/tinyA seed 0: array task 0: start ")
-    assert lines[1].endswith(f"--seed 0 --exp_path {exp.resolve()} --quiet --root R --num_worker 2")
+    assert lines[1].endswith(f"--seed 0 --exp_path {exp.resolve()} --quiet --root {root} --num_worker 2")
     assert lines[2].startswith("kvasir/tinyA seed 2: array task 1: start ")
     script = out[out.index("#!/bin/bash"):]
     for option in ("--array=0-1%1", "--partition=gpu", "--time=1440", "--mem=32G", "--gpus-per-task=1",
@@ -90,6 +87,35 @@ def test_dry_run_prints_the_array_and_submits_nothing(tmp_path, capsys, monkeypa
         assert f"#SBATCH {option}\n" in script, option
     assert f"--output={exp.resolve()}/sweep_logs/slurm/%A_%a_0_log.out" in script
     assert not (exp / "0").exists() and not (exp / "sweep_logs").exists()
+
+
+def test_a_run_with_other_settings_is_not_submitted_as_the_presets(tmp_path, capsys, monkeypatch):
+    """The Slurm launcher uses the local sweep's identity: a finished smoke-test run of the preset (fewer
+    iterations, smaller images) is neither skipped as the preset's run nor resumed; its task starts a new run."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    exp, root = tmp_path / "exp", fake_root(tmp_path / "R")
+    smoke = recorded_run(exp, a, 0, root, max_ite=4, spatial_size=16)
+    assert sweep.main(["--presets", str(a), "--seeds", "0", "--root", str(root), "--exp_path", str(exp),
+                       "--launcher", "slurm", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"kvasir/tinyA seed 0: {smoke} has the same name but other settings (max_ite 4 vs "
+                        f"{MAX_ITE}; spatial_size 16 vs 32): not this run")
+    assert lines[1].startswith("kvasir/tinyA seed 0: array task 0: start ")
+
+
+def test_problems_are_found_before_anything_is_submitted(tmp_path, capsys, monkeypatch):
+    """The local sweep's checks run before a Slurm submission too: a root without the prepared layout is an
+    error line, nothing submitted or created."""
+    import run
+    monkeypatch.setenv("PATH", str(tmp_path))
+    a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
+    (tmp_path / "half").mkdir()
+    assert run.cli(["sweep", "--presets", str(a), "--root", str(tmp_path / "half"), "--exp_path",
+                    str(tmp_path / "exp"), "--launcher", "slurm", "--dry_run"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"--root {tmp_path / 'half'} lacks" in err[0], err
+    assert not (tmp_path / "exp").exists()
 
 
 @pytest.mark.parametrize("more, match", [
