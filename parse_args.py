@@ -6,6 +6,7 @@ choices and ranges. Every problem is a `FlagError` (a `UserError`: `error: ...`,
 flag or the file and key, the value and what was expected, raised before anything is written.
 """
 import argparse
+import copy
 import os
 from typing import Any
 
@@ -212,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_ROLES: dict[str, frozenset] = {a.dest: a.roles for a in build_parser()._actions if hasattr(a, "roles")}
+
+
+_DEFAULTS: dict = {}
+
+
+def default_settings() -> dict:
+    """Every run.py flag's default (a copy): the settings a record lacks (a run recorded before a flag existed
+    ran with its default)."""
+    if not _DEFAULTS:
+        _DEFAULTS.update(vars(build_parser().parse_args([])))
+    return copy.deepcopy(_DEFAULTS)
 
 
 def flags_with(role: str) -> tuple[str, ...]:

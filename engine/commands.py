@@ -30,11 +30,7 @@ from engine.run_folder import (
 )
 from engine.train import Trainer, checkpoint_bytes, make_model, seed_everything, test_dataset
 from models.checkpoint import load_checkpoint
-from parse_args import ONE_SHOT, FlagError, build_parser, check_args, flags_with
-
-
-def default_settings() -> dict:
-    return vars(build_parser().parse_args([]))
+from parse_args import ONE_SHOT, FlagError, check_args, default_settings, flags_with
 
 
 def restore_run(args: Namespace, explicit: dict, command: str):

@@ -22,7 +22,7 @@ import yaml
 from common.errors import OneLineParser, UserError, command_name
 from common.files import atomic_path, write_text_atomic
 from common.identity import differing_keys, identity_value, read_recorded_spec, run_identity
-from parse_args import RESULT_NEUTRAL
+from parse_args import RESULT_NEUTRAL, default_settings
 
 _STAMP = re.compile(r"_\d{8}-\d{6}(-\d+)?$")
 _EVALUATION = re.compile(r"_test_\d{8}-\d{6}(-\d+)?$")  # the folder --test writes (engine.run_folder)
@@ -55,17 +55,6 @@ class Run:
     def key(self) -> tuple[str, str, str]:
         """(data, run_name, identity): runs of one row. Runs that share a name but not their settings differ."""
         return self.data, self.run_name, json.dumps(self.identity, sort_keys=True, default=str)
-
-
-_DEFAULTS: dict = {}
-
-
-def default_settings() -> dict:
-    """Every flag's default (a run recorded before a flag existed ran with its default)."""
-    if not _DEFAULTS:
-        from parse_args import build_parser
-        _DEFAULTS.update(vars(build_parser().parse_args([])))
-    return _DEFAULTS
 
 
 def _is_number(v) -> bool:

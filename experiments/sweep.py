@@ -132,8 +132,7 @@ def preflight(exp: Path, jobs: list[Job], roots: dict, extra: list[str]) -> None
     Sets each job's identity."""
     from common.dataspec import load_spec, spec_record
     from common.identity import run_identity
-    from experiments.summarize import default_settings
-    from parse_args import RESULT_NEUTRAL
+    from parse_args import RESULT_NEUTRAL, default_settings
 
     problems: list[str] = []
     datasets = {j.data for j in jobs}

@@ -30,8 +30,7 @@ from engine.predict import resolve_config
 from engine.predict_io import check_out_folder, check_threshold
 from engine.restore import restored_model
 from models.checkpoint import save_checkpoint
-from parse_args import _int_list
-from parse_args import build_parser as build_settings_parser
+from parse_args import _int_list, default_settings
 from release.bundle import DIVISOR_NAME, INPUT_NAME, OUTPUT_NAME, build_card, card_markdown, ids_digest, needs_divisor
 
 OPSET = 18  # Resize-18 (linear, half_pixel = align_corners=False); onnxruntime runs opsets up to 23
@@ -171,7 +170,7 @@ def split_record(config: dict, recorded: bool) -> dict:
         return {"ids": None, "reason": "a paper-format checkpoint does not record its training split"}
     if not config.get("root"):
         return {"ids": None, "reason": "the checkpoint records no dataset root"}
-    settings = {**vars(build_settings_parser().parse_args([])), **config}  # keys an older record lacks
+    settings = {**default_settings(), **config}  # keys an older record lacks
     try:
         train, val = split_ids(Namespace(**settings))
     except (UserError, OSError) as e:
