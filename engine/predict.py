@@ -63,12 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0 < t < 1)")
     p.add_argument("--save_prob", action="store_true", help="also write the probability map (0-255 PNG)")
     p.add_argument("--quiet", action="store_true", help="no line per image")
-    g = p.add_argument_group("model shape, only for checkpoints that do not record it")
-    g.add_argument("-m", "--method", default=None, choices=list(METHODS))
-    g.add_argument("--num_levels", type=int, default=None)
-    g.add_argument("--features", type=_int_list, default=None, help="6 comma-separated U-Net widths")
-    g.add_argument("--feat_dim", type=int, default=None)
+    add_model_shape_flags(p.add_argument_group("model shape, only for checkpoints that do not record it"))
     return p
+
+
+def add_model_shape_flags(group) -> None:
+    """The model-shape flags of a command that takes a paper-format checkpoint (predict, export): read off the
+    weights when they can be, compared with the record when there is one (resolve_config)."""
+    group.add_argument("-m", "--method", default=None, choices=list(METHODS))
+    group.add_argument("--num_levels", type=int, default=None)
+    group.add_argument("--features", type=_int_list, default=None, help="6 comma-separated U-Net widths")
+    group.add_argument("--feat_dim", type=int, default=None)
 
 
 # ---------------------------------------------------------------- checkpoint

@@ -26,11 +26,11 @@ from common.errors import OneLineParser, UserError, command_name, report_user_er
 from common.files import write_json, write_text_atomic
 from common.version import git_commit
 from engine.evaluate import model_outputs
-from engine.predict import resolve_config
+from engine.predict import add_model_shape_flags, resolve_config
 from engine.predict_io import check_out_folder, check_threshold
 from engine.restore import restored_model
 from models.checkpoint import save_checkpoint
-from parse_args import _int_list, default_settings
+from parse_args import default_settings
 from release.bundle import DIVISOR_NAME, INPUT_NAME, OUTPUT_NAME, build_card, card_markdown, ids_digest, needs_divisor
 
 OPSET = 18  # Resize-18 (linear, half_pixel = align_corners=False); onnxruntime runs opsets up to 23
@@ -206,10 +206,7 @@ def build_parser():
     g.add_argument("--spatial_size", type=int, default=None, help="network input side (the paper's scripts: 224)")
     g.add_argument("--data", default=None, help="dataset name or spec file (default: by channel count)")
     g.add_argument("--in_channels", type=int, default=None)
-    g.add_argument("-m", "--method", default=None, choices=["gaze_sup", "full_sup"])
-    g.add_argument("--num_levels", type=int, default=None)
-    g.add_argument("--features", type=_int_list, default=None, help="6 comma-separated U-Net widths")
-    g.add_argument("--feat_dim", type=int, default=None)
+    add_model_shape_flags(g)
     g.add_argument("--thresholds", type=lambda s: [float(t) for t in s.split(",")], default=None,
                    help="the levels' thresholds, for the card (default: the dataset spec's)")
     return p
