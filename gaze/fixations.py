@@ -60,6 +60,9 @@ class ColumnMap:
 ROLES = tuple(f.name for f in fields(ColumnMap) if f.name != "optional")
 GAZEMEDSEG = ColumnMap(image="IMAGE", x="CURRENT_FIX_X", y="CURRENT_FIX_Y", duration="CURRENT_FIX_DURATION",
                        width="IMAGE_WIDTH", height="IMAGE_HEIGHT", index="CURRENT_FIX_INDEX", optional=("index",))
+# the whole header of a GazeMedSeg file, in its order: what the project's simulated fixations are written with
+GAZEMEDSEG_COLUMNS = ["IMAGE", "CURRENT_FIX_INDEX", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION",
+                      "CURRENT_FIX_PUPIL", "CURRENT_FIX_START", "IMAGE_HEIGHT", "IMAGE_WIDTH"]
 REQUIRED = ("IMAGE", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION", "IMAGE_HEIGHT", "IMAGE_WIDTH")
 
 

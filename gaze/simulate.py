@@ -44,9 +44,8 @@ from scipy import ndimage
 from common.dataspec import load_spec
 from common.errors import OneLineParser, UserError, command_name, run_cli
 from common.files import atomic_path, write_json
+from gaze.fixations import GAZEMEDSEG_COLUMNS as CSV_COLUMNS
 
-CSV_COLUMNS = ["IMAGE", "CURRENT_FIX_INDEX", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION",
-               "CURRENT_FIX_PUPIL", "CURRENT_FIX_START", "IMAGE_HEIGHT", "IMAGE_WIDTH"]
 DEPTH_BINS = tuple(np.round(np.linspace(0, 1, 11), 2).tolist())  # relative depth inside the mask
 OUT_BINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 100.0)  # distance outside / sqrt(mask area)
 

@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CSV_COLUMNS = ["IMAGE", "CURRENT_FIX_INDEX", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_DURATION",
-               "CURRENT_FIX_PUPIL", "CURRENT_FIX_START", "IMAGE_HEIGHT", "IMAGE_WIDTH"]
+from gaze.fixations import GAZEMEDSEG_COLUMNS as CSV_COLUMNS
 
 
 def polyp_image(rng: np.random.RandomState, height: int, width: int):
