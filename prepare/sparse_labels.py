@@ -81,6 +81,12 @@ def _pick(region: np.ndarray, depth: float, count: int, rng: np.random.Generator
     return [(int(ys[i]), int(xs[i])) for i in chosen]
 
 
+def background_region(mask: np.ndarray, gap: int) -> np.ndarray:
+    """Where background labels may go: outside the mask dilated by `gap` px (outside the mask itself when
+    `gap` is 0 or the mask is empty)."""
+    return ~ndimage.binary_dilation(mask, EIGHT, iterations=gap) if gap > 0 and mask.any() else ~mask
+
+
 def simulate_points(mask: np.ndarray, rng: np.random.Generator, count: int = 1, radius: int = 5,
                     margin: int = 10, gap: int = 10) -> np.ndarray:
     """Point labels of a bool mask (H, W): uint8 map, 1 = foreground, 0 = background, 255 = unlabelled.
@@ -99,7 +105,7 @@ def simulate_points(mask: np.ndarray, rng: np.random.Generator, count: int = 1, 
     for comp in comps:
         for y, x in _pick(comp, radius + margin, count, rng):
             out[disk(mask.shape, y, x, radius) & comp] = 1
-    background = ~ndimage.binary_dilation(mask, EIGHT, iterations=gap) if gap > 0 and mask.any() else ~mask
+    background = background_region(mask, gap)
     if background.any():
         for y, x in _pick(background, radius + 1, count * max(len(comps), 1), rng):
             out[disk(mask.shape, y, x, radius) & background] = 0
@@ -173,7 +179,7 @@ def simulate_scribbles(mask: np.ndarray, rng: np.random.Generator, erosion: tupl
     for comp in components(mask):
         line = skeleton_branch(skeleton(_erode(comp, rng, erosion)), rng)
         out[ndimage.binary_dilation(line, EIGHT, iterations=width) & comp if width else line & comp] = 1
-    background = ~ndimage.binary_dilation(mask, EIGHT, iterations=gap) if gap > 0 and mask.any() else ~mask
+    background = background_region(mask, gap)
     if background.any():
         line = skeleton(_erode(background, rng, erosion))
         out[(ndimage.binary_dilation(line, EIGHT, iterations=width) if width else line) & background] = 0
