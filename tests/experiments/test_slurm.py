@@ -311,13 +311,13 @@ def test_slurm_sweep_refused_while_a_local_sweep_runs(tmp_path):
     if why:
         pytest.skip(why)
     a = tiny_preset(tmp_path / "a.yaml", "tinyA", "prop")
-    exp = tmp_path / "exp"
+    exp, root = tmp_path / "exp", fake_root(tmp_path / "R")  # a prepared layout: the sweep checks it first
     exp.mkdir()
     other = subprocess.Popen(["sleep", "60"])  # stands for the local sweep's process
     try:
         (exp / ".sweep.lock").write_text(f"{socket.gethostname()} {other.pid}")
         with pytest.raises(UserError, match=f"another sweep \\(pid {other.pid}\\) is running"):
-            sweep.main(["--presets", str(a), "--root", "R", "--exp_path", str(exp), "--launcher", "slurm"])
+            sweep.main(["--presets", str(a), "--root", str(root), "--exp_path", str(exp), "--launcher", "slurm"])
     finally:
         other.kill()
         other.wait()
